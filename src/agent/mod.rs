@@ -1,0 +1,271 @@
+//! The agentic orchestrator: plan → tools → rules → recommendation, with a trace.
+//!
+//! # Determinism
+//! The agent is deterministic: the same payment, tool answers and policy give the same
+//! decision, reasons and trace steps (only durations vary). Tools run concurrently but the
+//! trace lists them in plan order.
+//!
+//! # Failing safe
+//! Every tool call has a deadline and a bounded number of attempts. A tool that still fails
+//! is written to the trace, and its `*_unavailable` reason sends the payment to review: the
+//! agent never answers `allow` on data it could not get.
+
+pub mod rules;
+pub mod tools;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::domain::{Decision, Payment, Reason, RequestId, TraceStep, format_minor};
+use crate::policy::{Policy, ToolPolicy};
+use crate::store::Account;
+use rules::{Facts, Fetched};
+use tools::{BalanceTool, RiskTool, Tool, ToolError};
+
+pub const PLAN: &str = "Check balance, risk, and limits";
+
+/// What the agent concluded, before and after commit.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub decision: Decision,
+    pub reasons: Vec<Reason>,
+    pub trace: Vec<TraceStep>,
+    /// Tools that failed after all their attempts (for metrics).
+    pub failed_tools: Vec<&'static str>,
+}
+
+/// The body of a decision response.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DecideResponse<'a> {
+    #[schema(value_type = String, example = "review")]
+    pub decision: Decision,
+    #[schema(value_type = Vec<String>, example = json!(["recent_disputes"]))]
+    pub reasons: &'a [Reason],
+    #[schema(value_type = Vec<Object>)]
+    pub agent_trace: &'a [TraceStep],
+    #[schema(example = "req_3f2a…")]
+    pub request_id: &'a str,
+    /// The funds held for this payment (allow only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reservation_id: Option<&'a str>,
+    /// The case opened for a reviewer (review and block).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub case_id: Option<&'a str>,
+    /// The amount decided, as an exact decimal string.
+    #[schema(example = "125.50")]
+    pub amount: String,
+    #[schema(example = "USD")]
+    pub currency: &'a str,
+}
+
+impl Outcome {
+    /// The reservation did not fit any more at commit (a concurrent payment took the funds,
+    /// or the daily limit): the answer becomes a block and the trace says so.
+    pub fn refuse_at_commit(&mut self, reason: Reason, detail: String) {
+        self.decision = Decision::Block;
+        self.reasons = vec![reason];
+        self.trace.push(TraceStep::new("commit", detail));
+    }
+
+    pub fn render(
+        &self,
+        request_id: &RequestId,
+        reservation_id: &str,
+        case_id: &str,
+        payment: &Payment,
+    ) -> Vec<u8> {
+        let allowed = self.decision == Decision::Allow;
+        let currency = payment.amount.currency();
+        let body = DecideResponse {
+            decision: self.decision,
+            reasons: &self.reasons,
+            agent_trace: &self.trace,
+            request_id: request_id.as_str(),
+            reservation_id: allowed.then_some(reservation_id),
+            case_id: (!allowed).then_some(case_id),
+            amount: payment.amount.to_string(),
+            currency: currency.code(),
+        };
+        // Serializing plain structs of strings and integers cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+pub struct Agent {
+    policy: Arc<Policy>,
+    balance: BalanceTool,
+    risk: RiskTool,
+}
+
+/// A tool's answer after retries, with what it cost.
+struct Called<T> {
+    result: Result<T, ToolError>,
+    attempts: u32,
+    elapsed_us: u64,
+}
+
+async fn call_with_retries<T: Send>(
+    tool: &dyn Tool<Output = T>,
+    limits: &ToolPolicy,
+    payment: &Payment,
+    since_ms: i64,
+) -> Called<T> {
+    let started = Instant::now();
+    let mut attempts = 0;
+    let result = loop {
+        attempts += 1;
+        let result = match tokio::time::timeout(limits.deadline(), tool.call(payment, since_ms)).await {
+            Ok(result) => result,
+            Err(_) => Err(ToolError::Failed(format!(
+                "timed out after {} ms",
+                limits.deadline_ms
+            ))),
+        };
+        match result {
+            Ok(v) => break Ok(v),
+            Err(e) if attempts >= limits.max_attempts => break Err(e),
+            Err(e) => {
+                tracing::warn!(tool = tool.name(), attempt = attempts, error = %e, "tool call failed; retrying");
+                tokio::time::sleep(limits.backoff()).await;
+            }
+        }
+    };
+    Called {
+        result,
+        attempts,
+        elapsed_us: started.elapsed().as_micros() as u64,
+    }
+}
+
+fn tool_step<T>(name: &str, called: &Called<T>, detail: String, data: Option<serde_json::Value>) -> TraceStep {
+    TraceStep {
+        step: format!("tool:{name}"),
+        detail,
+        duration_us: Some(called.elapsed_us),
+        attempts: Some(called.attempts),
+        data,
+    }
+}
+
+fn balance_detail(account: &Account) -> String {
+    format!("balance={}", account.balance)
+}
+
+impl Agent {
+    pub fn new(policy: Arc<Policy>, balance: BalanceTool, risk: RiskTool) -> Self {
+        Agent {
+            policy,
+            balance,
+            risk,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Plans, calls the tools, applies the rules and recommends.
+    pub async fn assess(&self, payment: &Payment, now_ms: i64) -> Outcome {
+        let limits = &self.policy.tools;
+        let since_ms = now_ms - (self.policy.velocity.window_secs as i64) * 1000;
+        let mut trace = vec![TraceStep::new("plan", PLAN)];
+        let mut failed_tools = Vec::new();
+
+        let (balance, risk) = tokio::join!(
+            call_with_retries(&*self.balance, limits, payment, since_ms),
+            call_with_retries(&*self.risk, limits, payment, since_ms),
+        );
+
+        let account = match &balance.result {
+            Ok(Some(account)) => {
+                let data = json!({
+                    "currency": account.balance.currency().code(),
+                    "reserved": format_minor(account.reserved_minor, account.balance.currency().exponent()),
+                    "available": format_minor(account.available_minor(), account.balance.currency().exponent()),
+                });
+                trace.push(tool_step(self.balance.name(), &balance, balance_detail(account), Some(data)));
+                Fetched::Found(account)
+            }
+            Ok(None) => {
+                trace.push(tool_step(self.balance.name(), &balance, "no account for customer".into(), None));
+                Fetched::Missing
+            }
+            Err(e) => {
+                failed_tools.push(self.balance.name());
+                trace.push(tool_step(
+                    self.balance.name(),
+                    &balance,
+                    format!("unavailable after {} attempts: {e}", balance.attempts),
+                    None,
+                ));
+                Fetched::Unavailable
+            }
+        };
+        let signals = match &risk.result {
+            Ok(Some(profile)) => {
+                trace.push(tool_step(
+                    self.risk.name(),
+                    &risk,
+                    format!(
+                        "recent_disputes={}, device_change={}",
+                        profile.recent_disputes, profile.device_change
+                    ),
+                    Some(json!({
+                        "knownPayee": profile.known_payee,
+                        "recentPayments": profile.recent_payments,
+                    })),
+                ));
+                Fetched::Found(profile)
+            }
+            Ok(None) => {
+                trace.push(tool_step(self.risk.name(), &risk, "no risk profile for customer".into(), None));
+                Fetched::Missing
+            }
+            Err(e) => {
+                failed_tools.push(self.risk.name());
+                trace.push(tool_step(
+                    self.risk.name(),
+                    &risk,
+                    format!("unavailable after {} attempts: {e}", risk.attempts),
+                    None,
+                ));
+                Fetched::Unavailable
+            }
+        };
+
+        let facts = Facts {
+            payment,
+            account,
+            risk: signals,
+            day: now_ms.div_euclid(86_400_000),
+        };
+        let findings = rules::evaluate(&self.policy, &facts);
+        let decision = rules::decision_of(&findings);
+        let recommend = match decision {
+            Decision::Allow => "allow and reserve funds",
+            Decision::Review => "route to manual review",
+            Decision::Block => "block payment",
+        };
+        let mut step = TraceStep::new("tool:recommend", recommend);
+        if !findings.is_empty() {
+            // Each fired rule with the numbers behind it, for the reviewer.
+            let why: serde_json::Map<String, serde_json::Value> = findings
+                .iter()
+                .map(|f| (f.reason.as_str().to_owned(), f.why.clone().into()))
+                .collect();
+            step.data = Some(json!({ "findings": why }));
+        }
+        trace.push(step);
+
+        Outcome {
+            decision,
+            reasons: findings.iter().map(|f| f.reason).collect(),
+            trace,
+            failed_tools,
+        }
+    }
+}

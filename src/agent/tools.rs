@@ -1,0 +1,176 @@
+//! The agent's tools: each answers one question about a payment, behind a trait so that a
+//! store-backed tool, an HTTP adapter or a fault-injecting wrapper look the same to the agent.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::Payment;
+use crate::store::{Account, DynStore, RiskProfile};
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum ToolError {
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[async_trait]
+pub trait Tool: Send + Sync {
+    type Output: Send;
+    fn name(&self) -> &'static str;
+    /// `velocity_since_ms` is the start of the velocity window, for tools that count payments.
+    async fn call(
+        &self,
+        payment: &Payment,
+        velocity_since_ms: i64,
+    ) -> Result<Self::Output, ToolError>;
+}
+
+pub type BalanceTool = Arc<dyn Tool<Output = Option<Account>>>;
+pub type RiskTool = Arc<dyn Tool<Output = Option<RiskProfile>>>;
+
+/// `getBalance`: the account's currency, balance, reservations and today's outflow.
+pub struct StoreBalance(pub DynStore);
+
+#[async_trait]
+impl Tool for StoreBalance {
+    type Output = Option<Account>;
+    fn name(&self) -> &'static str {
+        "getBalance"
+    }
+    async fn call(&self, payment: &Payment, _: i64) -> Result<Self::Output, ToolError> {
+        self.0
+            .account(&payment.customer)
+            .await
+            .map_err(|e| ToolError::Failed(e.to_string()))
+    }
+}
+
+/// `getRiskSignals`: disputes, device change, payee familiarity and recent velocity.
+pub struct StoreRiskSignals(pub DynStore);
+
+#[async_trait]
+impl Tool for StoreRiskSignals {
+    type Output = Option<RiskProfile>;
+    fn name(&self) -> &'static str {
+        "getRiskSignals"
+    }
+    async fn call(&self, payment: &Payment, since_ms: i64) -> Result<Self::Output, ToolError> {
+        self.0
+            .risk_profile(&payment.customer, &payment.payee, since_ms)
+            .await
+            .map_err(|e| ToolError::Failed(e.to_string()))
+    }
+}
+
+/// A fault to inject into a tool, for tests and drills.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Every call fails.
+    Fail,
+    /// Every call hangs past any deadline.
+    Timeout,
+    /// Every call is delayed.
+    Slow(Duration),
+    /// The first N calls fail, later ones succeed.
+    Flaky(u32),
+}
+
+/// Parses `PAYNOW_FAULTS`: `getRiskSignals=timeout,getBalance=slow:50,getBalance=flaky:1`.
+pub fn parse_faults(spec: &str) -> Result<Vec<(String, Fault)>, String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| {
+            let (tool, fault) = item
+                .split_once('=')
+                .ok_or_else(|| format!("fault {item:?} must look like TOOL=FAULT"))?;
+            if !matches!(tool, "getBalance" | "getRiskSignals") {
+                return Err(format!("unknown tool {tool:?} in fault {item:?}"));
+            }
+            let (kind, arg) = fault.split_once(':').unwrap_or((fault, ""));
+            let number = || {
+                arg.parse::<u32>()
+                    .map_err(|_| format!("fault {item:?} needs a number after ':'"))
+            };
+            let fault = match kind {
+                "fail" => Fault::Fail,
+                "timeout" => Fault::Timeout,
+                "slow" => Fault::Slow(Duration::from_millis(u64::from(number()?))),
+                "flaky" => Fault::Flaky(number()?),
+                _ => return Err(format!("unknown fault {kind:?}: use fail, timeout, slow:MS or flaky:N")),
+            };
+            Ok((tool.to_owned(), fault))
+        })
+        .collect()
+}
+
+/// Wraps a tool and injects a fault before each call.
+pub struct WithFault<T: ?Sized> {
+    inner: Arc<T>,
+    fault: Fault,
+    calls: AtomicU32,
+}
+
+impl<T: ?Sized> WithFault<T> {
+    pub fn new(inner: Arc<T>, fault: Fault) -> Self {
+        WithFault {
+            inner,
+            fault,
+            calls: AtomicU32::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl<O: Send + 'static, T: Tool<Output = O> + ?Sized + 'static> Tool for WithFault<T> {
+    type Output = O;
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn call(&self, payment: &Payment, since_ms: i64) -> Result<O, ToolError> {
+        match self.fault {
+            Fault::Fail => return Err(ToolError::Failed("injected failure".into())),
+            Fault::Timeout => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            Fault::Slow(delay) => tokio::time::sleep(delay).await,
+            Fault::Flaky(n) => {
+                if self.calls.fetch_add(1, Ordering::Relaxed) < n {
+                    return Err(ToolError::Failed("injected transient failure".into()));
+                }
+            }
+        }
+        self.inner.call(payment, since_ms).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_specs_parse() {
+        let faults = parse_faults("getRiskSignals=timeout, getBalance=slow:50").unwrap();
+        assert_eq!(faults[0], ("getRiskSignals".into(), Fault::Timeout));
+        assert_eq!(
+            faults[1],
+            ("getBalance".into(), Fault::Slow(Duration::from_millis(50)))
+        );
+        assert_eq!(
+            parse_faults("getBalance=flaky:2").unwrap()[0].1,
+            Fault::Flaky(2)
+        );
+        assert!(parse_faults("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_fault_specs_are_refused() {
+        assert!(parse_faults("getBalance").is_err());
+        assert!(parse_faults("nope=fail").is_err());
+        assert!(parse_faults("getBalance=explode").is_err());
+        assert!(parse_faults("getBalance=slow:x").is_err());
+    }
+}

@@ -1,0 +1,294 @@
+//! Money is exact.
+//!
+//! An amount is an `i64` count of the currency's minor units (cents for USD, yen for JPY,
+//! fils for BHD). It is parsed from the exact decimal text of the request — never through a
+//! binary float — and printed back with exactly the currency's number of decimals.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+
+/// Largest accepted amount, in major units (one billion). Anything above is a typo or an attack.
+pub const MAX_MAJOR_UNITS: i64 = 1_000_000_000;
+
+/// Every active ISO 4217 alphabetic code with its number of minor-unit digits.
+/// Codes not listed in `EXPONENT_0`, `EXPONENT_3` or `EXPONENT_4` have two.
+const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB \
+BOV BRL BSD BTN BWP BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUC CUP CVE CZK DJF DKK DOP \
+DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK \
+JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP \
+MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD \
+RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD \
+TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG";
+const EXPONENT_0: &str = "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF";
+const EXPONENT_3: &str = "BHD IQD JOD KWD LYD OMR TND";
+const EXPONENT_4: &str = "CLF UYW";
+
+/// An ISO 4217 currency with its minor-unit exponent.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Currency {
+    code: [u8; 3],
+    exponent: u8,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CurrencyError {
+    #[error("must be an ISO 4217 alphabetic code such as USD")]
+    Unknown,
+}
+
+impl Currency {
+    pub const USD: Currency = Currency {
+        code: *b"USD",
+        exponent: 2,
+    };
+
+    /// Parses an upper-case ISO 4217 code. Lower case is refused rather than guessed.
+    pub fn parse(code: &str) -> Result<Self, CurrencyError> {
+        let bytes: [u8; 3] = code
+            .as_bytes()
+            .try_into()
+            .map_err(|_| CurrencyError::Unknown)?;
+        if !bytes.iter().all(u8::is_ascii_uppercase) || !contains_code(ISO_4217, code) {
+            return Err(CurrencyError::Unknown);
+        }
+        let exponent = if contains_code(EXPONENT_0, code) {
+            0
+        } else if contains_code(EXPONENT_3, code) {
+            3
+        } else if contains_code(EXPONENT_4, code) {
+            4
+        } else {
+            2
+        };
+        Ok(Currency {
+            code: bytes,
+            exponent,
+        })
+    }
+
+    pub fn code(&self) -> &str {
+        // The bytes were checked to be ASCII upper-case letters in `parse`.
+        std::str::from_utf8(&self.code).unwrap_or("XXX")
+    }
+
+    /// Number of digits after the decimal point (USD 2, JPY 0, BHD 3).
+    pub fn exponent(&self) -> u32 {
+        u32::from(self.exponent)
+    }
+}
+
+fn contains_code(list: &str, code: &str) -> bool {
+    list.split_ascii_whitespace().any(|c| c == code)
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// An exact amount of one currency.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Money {
+    minor: i64,
+    currency: Currency,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AmountError {
+    #[error("must be a decimal number such as 125.50")]
+    NotANumber,
+    #[error("must be greater than zero")]
+    NotPositive,
+    #[error("has more decimal places than {currency} allows ({exponent})")]
+    TooPrecise { currency: Currency, exponent: u32 },
+    #[error("must not exceed {MAX_MAJOR_UNITS}")]
+    TooLarge,
+}
+
+impl Money {
+    /// Parses the exact decimal text of an amount (`"125.50"`, `"1e3"`, `"42"`) for `currency`.
+    pub fn parse(text: &str, currency: Currency) -> Result<Self, AmountError> {
+        let text = text.trim();
+        if text.is_empty() || text.len() > 64 {
+            return Err(AmountError::NotANumber);
+        }
+        let value = if text.contains(['e', 'E']) {
+            Decimal::from_scientific(text)
+        } else {
+            Decimal::from_str_exact(text)
+        }
+        .map_err(|_| AmountError::NotANumber)?;
+        Self::from_decimal(value, currency)
+    }
+
+    /// Converts an exact decimal, refusing anything that is not a positive amount the
+    /// currency can represent.
+    pub fn from_decimal(value: Decimal, currency: Currency) -> Result<Self, AmountError> {
+        if value <= Decimal::ZERO {
+            return Err(AmountError::NotPositive);
+        }
+        if value > Decimal::from(MAX_MAJOR_UNITS) {
+            return Err(AmountError::TooLarge);
+        }
+        let value = value.normalize();
+        if value.scale() > currency.exponent() {
+            return Err(AmountError::TooPrecise {
+                currency,
+                exponent: currency.exponent(),
+            });
+        }
+        let minor = value * Decimal::from(10_i64.pow(currency.exponent()));
+        let minor = i64::try_from(minor).map_err(|_| AmountError::TooLarge)?;
+        Ok(Money { minor, currency })
+    }
+
+    /// A threshold from the policy (any non-negative decimal) in `currency`'s minor units,
+    /// rounded down: a limit is never made larger by rounding.
+    pub fn threshold_minor(value: Decimal, currency: Currency) -> i64 {
+        let scaled = (value * Decimal::from(10_i64.pow(currency.exponent()))).floor();
+        i64::try_from(scaled).unwrap_or(i64::MAX)
+    }
+
+    pub const fn from_minor(minor: i64, currency: Currency) -> Self {
+        Money { minor, currency }
+    }
+
+    pub fn minor(&self) -> i64 {
+        self.minor
+    }
+
+    pub fn currency(&self) -> Currency {
+        self.currency
+    }
+}
+
+/// Writes `minor` units with exactly `exponent` decimals: `format_minor(30000, 2)` is `300.00`.
+pub fn format_minor(minor: i64, exponent: u32) -> String {
+    if exponent == 0 {
+        return minor.to_string();
+    }
+    let scale = 10_i64.pow(exponent);
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    let scale = scale.unsigned_abs();
+    format!(
+        "{sign}{}.{:0width$}",
+        abs / scale,
+        abs % scale,
+        width = exponent as usize
+    )
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_minor(self.minor, self.currency.exponent()))
+    }
+}
+
+impl FromStr for Currency {
+    type Err = CurrencyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Currency::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cur(code: &str) -> Currency {
+        Currency::parse(code).unwrap()
+    }
+
+    #[test]
+    fn currencies_know_their_minor_units() {
+        assert_eq!(cur("USD").exponent(), 2);
+        assert_eq!(cur("JPY").exponent(), 0);
+        assert_eq!(cur("BHD").exponent(), 3);
+        assert_eq!(cur("EUR").code(), "EUR");
+    }
+
+    #[test]
+    fn unknown_or_malformed_currencies_are_refused() {
+        for bad in ["usd", "US", "USDD", "ABC", "", "XAU", "U$D"] {
+            assert_eq!(Currency::parse(bad), Err(CurrencyError::Unknown), "{bad}");
+        }
+    }
+
+    #[test]
+    fn amounts_parse_exactly_into_minor_units() {
+        assert_eq!(Money::parse("125.50", cur("USD")).unwrap().minor(), 12550);
+        assert_eq!(Money::parse("125.5", cur("USD")).unwrap().minor(), 12550);
+        assert_eq!(Money::parse("0.01", cur("USD")).unwrap().minor(), 1);
+        assert_eq!(Money::parse("1e3", cur("USD")).unwrap().minor(), 100000);
+        assert_eq!(Money::parse("1.2E1", cur("USD")).unwrap().minor(), 1200);
+        assert_eq!(Money::parse("500", cur("JPY")).unwrap().minor(), 500);
+        assert_eq!(Money::parse("1.234", cur("BHD")).unwrap().minor(), 1234);
+        // Trailing zeros beyond the exponent are not extra precision.
+        assert_eq!(Money::parse("10.000", cur("USD")).unwrap().minor(), 1000);
+        // 0.1 + 0.2 style values stay exact.
+        assert_eq!(Money::parse("0.30", cur("USD")).unwrap().minor(), 30);
+    }
+
+    #[test]
+    fn bad_amounts_are_refused_with_a_reason() {
+        let usd = cur("USD");
+        assert_eq!(Money::parse("0", usd), Err(AmountError::NotPositive));
+        assert_eq!(Money::parse("-1.00", usd), Err(AmountError::NotPositive));
+        assert_eq!(Money::parse("0.00", usd), Err(AmountError::NotPositive));
+        assert!(matches!(
+            Money::parse("1.001", usd),
+            Err(AmountError::TooPrecise { .. })
+        ));
+        assert!(matches!(
+            Money::parse("1.5", cur("JPY")),
+            Err(AmountError::TooPrecise { .. })
+        ));
+        assert_eq!(Money::parse("1e300", usd), Err(AmountError::NotANumber));
+        assert_eq!(Money::parse("1000000000.01", usd), Err(AmountError::TooLarge));
+        assert_eq!(Money::parse("abc", usd), Err(AmountError::NotANumber));
+        assert_eq!(Money::parse("NaN", usd), Err(AmountError::NotANumber));
+        assert_eq!(Money::parse("", usd), Err(AmountError::NotANumber));
+        assert_eq!(
+            Money::parse("99999999999999999999999999999999", usd),
+            Err(AmountError::NotANumber)
+        );
+    }
+
+    #[test]
+    fn the_largest_amount_is_accepted() {
+        let m = Money::parse("1000000000.00", cur("USD")).unwrap();
+        assert_eq!(m.minor(), 100_000_000_000);
+    }
+
+    #[test]
+    fn amounts_print_with_the_currency_decimals() {
+        assert_eq!(format_minor(30000, 2), "300.00");
+        assert_eq!(format_minor(5, 2), "0.05");
+        assert_eq!(format_minor(-5, 2), "-0.05");
+        assert_eq!(format_minor(1234, 3), "1.234");
+        assert_eq!(format_minor(500, 0), "500");
+        assert_eq!(
+            Money::parse("125.5", cur("USD")).unwrap().to_string(),
+            "125.50"
+        );
+    }
+
+    #[test]
+    fn thresholds_round_down_into_minor_units() {
+        let d = Decimal::from_str_exact("1000.00").unwrap();
+        assert_eq!(Money::threshold_minor(d, cur("USD")), 100000);
+        assert_eq!(Money::threshold_minor(d, cur("JPY")), 1000);
+        let d = Decimal::from_str_exact("0.999").unwrap();
+        assert_eq!(Money::threshold_minor(d, cur("USD")), 99);
+    }
+}

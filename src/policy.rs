@@ -1,0 +1,135 @@
+//! The decision policy: thresholds and lists, read from a TOML file at start-up.
+//!
+//! Amounts are exact decimals in the account's currency; rules convert them to the
+//! currency's minor units when they compare.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+/// The shipped default policy (`policy/default.toml`).
+pub const DEFAULT_POLICY: &str = include_str!("../policy/default.toml");
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(with = "rust_decimal::serde::str")]
+    pub high_amount: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub per_payment_limit: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub daily_limit: Decimal,
+    pub blocked_payees: HashSet<String>,
+    pub recent_disputes_threshold: u32,
+    pub velocity: Velocity,
+    pub tools: ToolPolicy,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Velocity {
+    pub max_payments: u32,
+    pub window_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolPolicy {
+    pub deadline_ms: u64,
+    pub max_attempts: u32,
+    pub retry_backoff_ms: u64,
+}
+
+impl ToolPolicy {
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms)
+    }
+    pub fn backoff(&self) -> Duration {
+        Duration::from_millis(self.retry_backoff_ms)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid policy: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid policy: {0}")]
+    Invalid(&'static str),
+}
+
+impl Policy {
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let policy: Policy = toml::from_str(text)?;
+        policy.check()?;
+        Ok(policy)
+    }
+
+    pub fn load(path: Option<&Path>) -> Result<Self, PolicyError> {
+        match path {
+            None => Self::parse(DEFAULT_POLICY),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Self::parse(&text)
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), PolicyError> {
+        for (value, what) in [
+            (self.high_amount, "high_amount must be positive"),
+            (self.per_payment_limit, "per_payment_limit must be positive"),
+            (self.daily_limit, "daily_limit must be positive"),
+        ] {
+            if value <= Decimal::ZERO {
+                return Err(PolicyError::Invalid(what));
+            }
+        }
+        if self.tools.max_attempts == 0 || self.tools.max_attempts > 10 {
+            return Err(PolicyError::Invalid("tools.max_attempts must be 1..=10"));
+        }
+        if self.tools.deadline_ms == 0 {
+            return Err(PolicyError::Invalid("tools.deadline_ms must be positive"));
+        }
+        if self.velocity.window_secs == 0 {
+            return Err(PolicyError::Invalid("velocity.window_secs must be positive"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_policy_has_the_documented_defaults() {
+        let p = Policy::parse(DEFAULT_POLICY).unwrap();
+        assert_eq!(p.high_amount, Decimal::new(100000, 2));
+        assert_eq!(p.per_payment_limit, Decimal::new(500000, 2));
+        assert_eq!(p.daily_limit, Decimal::new(1000000, 2));
+        assert!(p.blocked_payees.contains("p_blocked"));
+        assert_eq!(p.recent_disputes_threshold, 2);
+        assert_eq!(p.velocity.max_payments, 10);
+        assert_eq!(p.velocity.window_secs, 600);
+    }
+
+    #[test]
+    fn a_bad_policy_is_refused_at_load() {
+        let bad = DEFAULT_POLICY.replace("\"5000.00\"", "\"-1\"");
+        assert!(Policy::parse(&bad).is_err());
+        let unknown = format!("{DEFAULT_POLICY}\nsurprise = 1\n");
+        assert!(Policy::parse(&unknown).is_err());
+        assert!(Policy::parse("high_amount = 1000.0").is_err());
+    }
+}

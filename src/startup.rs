@@ -1,0 +1,121 @@
+//! Building the application from its configuration, and serving it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::agent::Agent;
+use crate::agent::tools::{BalanceTool, Fault, RiskTool, StoreBalance, StoreRiskSignals, WithFault};
+use crate::config::Config;
+use crate::http::{AppState, router};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::ratelimit::DynLimiter;
+use crate::ratelimit::memory::MemoryLimiter;
+use crate::{fixtures, store};
+
+/// How often expired idempotency records are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+fn fault_for<'a>(faults: &'a [(String, Fault)], tool: &str) -> Option<&'a Fault> {
+    faults.iter().rev().find(|(t, _)| t == tool).map(|(_, f)| f)
+}
+
+/// Opens the store, seeds it if empty, and wires the agent, limiter and metrics.
+pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
+    let policy = Arc::new(Policy::load(config.policy.as_deref())?);
+    let customers = fixtures::load(config.fixtures.as_deref())?;
+    let store = store::open(&config.database_url).await?;
+    let seeded = store.seed_if_empty(&customers).await?;
+
+    let mut balance: BalanceTool = Arc::new(StoreBalance(store.clone()));
+    let mut risk: RiskTool = Arc::new(StoreRiskSignals(store.clone()));
+    if let Some(fault) = fault_for(&config.faults, "getBalance") {
+        balance = Arc::new(WithFault::new(balance, fault.clone()));
+    }
+    if let Some(fault) = fault_for(&config.faults, "getRiskSignals") {
+        risk = Arc::new(WithFault::new(risk, fault.clone()));
+    }
+    let agent = Arc::new(Agent::new(policy, balance, risk));
+    let limiter: DynLimiter = Arc::new(MemoryLimiter::new(config.rate_limit));
+    let metrics = Arc::new(Metrics::new());
+
+    tracing::info!(
+        event = "paynow.starting",
+        store = store.engine(),
+        customers_seeded = seeded,
+        rate_limiter = limiter.backend(),
+        api_keys = config.api_keys_count(),
+        faults = config.faults.len(),
+    );
+    Ok(AppState {
+        config: Arc::new(config),
+        store,
+        limiter,
+        agent,
+        metrics,
+    })
+}
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests and closes the store.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = build_state(config).await?;
+    serve_state(state, listener, shutdown).await
+}
+
+pub async fn serve_state(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let purge = tokio::spawn(purge_loop(state.clone()));
+    let app = router(state.clone());
+    tracing::info!(event = "paynow.listening", addr = %listener.local_addr()?);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    purge.abort();
+    state.store.close().await;
+    tracing::info!(event = "paynow.stopped");
+    Ok(())
+}
+
+async fn purge_loop(state: AppState) {
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    loop {
+        tick.tick().await;
+        match state.store.purge_expired(store::now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(event = "idempotency.purged", records = n),
+            Err(e) => tracing::warn!(event = "idempotency.purge_failed", error = %e),
+        }
+        state.limiter.maintain();
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!(event = "paynow.shutdown", "signal received; finishing in-flight requests");
+}

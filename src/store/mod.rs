@@ -1,0 +1,240 @@
+//! Storage: one trait, one method per use case, and the SQL lives only below this module.
+//!
+//! The embedded default is SQLite ([`sqlite::SqliteStore`]); the backend is picked once at
+//! start-up from `DATABASE_URL`.
+//!
+//! # Idempotency contract
+//! A decision is stored together with its response body, under the caller's identity and the
+//! client's idempotency key, in the same transaction as the reservation or the case it made.
+//! * [`Store::begin_idempotent`] either claims the key for this request ([`Begin::Fresh`]),
+//!   or returns the stored answer ([`Begin::Replay`]), or says the key belongs to another
+//!   payment ([`Begin::Mismatch`]) or to a request still running ([`Begin::InProgress`]).
+//! * The claim is released when the [`Claim`] is dropped, committed or not.
+//! * The unique key in the database is the final word: if two executions ever reach commit
+//!   with one key, the second is rolled back whole and answers with the first one's response
+//!   ([`CommitOutcome::Duplicate`]).
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::agent::Outcome;
+use crate::domain::{CustomerId, IdempotencyKey, Money, PayeeId, Payment, Reason, RequestId};
+use crate::fixtures::CustomerFixture;
+
+pub type DynStore = Arc<dyn Store>;
+
+/// The balance side of an account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub customer: CustomerId,
+    pub balance: Money,
+    pub reserved_minor: i64,
+    /// UTC day number (days since the epoch) that `outflow_minor` counts.
+    pub outflow_day: i64,
+    pub outflow_minor: i64,
+}
+
+impl Account {
+    pub fn available_minor(&self) -> i64 {
+        self.balance.minor() - self.reserved_minor
+    }
+
+    /// What was reserved on `day`; nothing if the counter belongs to an earlier day.
+    pub fn outflow_on(&self, day: i64) -> i64 {
+        if self.outflow_day == day {
+            self.outflow_minor
+        } else {
+            0
+        }
+    }
+}
+
+/// What the risk tool knows of a customer and this payee.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RiskProfile {
+    pub recent_disputes: u32,
+    pub device_change: bool,
+    pub home_country: Option<String>,
+    /// The customer has paid this payee before (or the bank told us they know each other).
+    pub known_payee: bool,
+    /// Decisions made for this customer since the start of the velocity window.
+    pub recent_payments: u32,
+}
+
+/// Who asked (the API key's identity) and under which key: the scope of idempotency.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyScope {
+    pub caller: Arc<str>,
+    pub key: IdempotencyKey,
+}
+
+/// A response kept for replay.
+#[derive(Clone, Debug)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: Bytes,
+    pub request_id: RequestId,
+}
+
+/// Holds an idempotency key for one request; releases it when dropped.
+pub struct Claim {
+    release: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Claim {
+    pub fn new(release: impl FnOnce() + Send + 'static) -> Self {
+        Claim {
+            release: Some(Box::new(release)),
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release();
+        }
+    }
+}
+
+pub enum Begin {
+    Fresh(Claim),
+    Replay(StoredResponse),
+    Mismatch,
+    InProgress,
+}
+
+/// A stored answer found for a key.
+pub enum Lookup {
+    Replay(StoredResponse),
+    Mismatch,
+}
+
+/// Everything one decision writes, in one transaction.
+#[derive(Debug)]
+pub struct DecisionRecord {
+    pub scope: IdempotencyScope,
+    pub fingerprint: [u8; 32],
+    pub request_id: RequestId,
+    pub payment: Payment,
+    pub outcome: Outcome,
+    /// Used if the decision is `allow` and the funds are reserved.
+    pub reservation_id: String,
+    /// Used if the decision is `review` or `block`.
+    pub case_id: String,
+    pub now_ms: i64,
+    pub idempotency_expires_ms: i64,
+    /// The daily limit in the payment currency's minor units, checked again at commit.
+    pub daily_limit_minor: i64,
+}
+
+impl DecisionRecord {
+    pub fn day(&self) -> i64 {
+        self.now_ms.div_euclid(86_400_000)
+    }
+
+    /// The reservation lost a race at commit: turn the answer into a block, with the trace
+    /// saying why.
+    pub fn refuse_reservation(&mut self, reason: Reason, detail: String) {
+        self.outcome.refuse_at_commit(reason, detail);
+    }
+
+    pub fn response_body(&self) -> Vec<u8> {
+        self.outcome.render(
+            &self.request_id,
+            &self.reservation_id,
+            &self.case_id,
+            &self.payment,
+        )
+    }
+}
+
+pub struct Committed {
+    pub outcome: Outcome,
+    pub body: Bytes,
+    pub reservation_id: Option<String>,
+    pub case_id: Option<String>,
+}
+
+pub enum CommitOutcome {
+    Committed(Box<Committed>),
+    /// Another execution already stored an answer for this key; nothing was written.
+    Duplicate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which engine this is, for logs and `/readyz`.
+    fn engine(&self) -> &'static str;
+
+    async fn begin_idempotent(
+        &self,
+        scope: &IdempotencyScope,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Begin, StoreError>;
+
+    async fn find_response(
+        &self,
+        scope: &IdempotencyScope,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Option<Lookup>, StoreError>;
+
+    async fn account(&self, customer: &CustomerId) -> Result<Option<Account>, StoreError>;
+
+    async fn risk_profile(
+        &self,
+        customer: &CustomerId,
+        payee: &PayeeId,
+        velocity_since_ms: i64,
+    ) -> Result<Option<RiskProfile>, StoreError>;
+
+    /// Writes the reservation (allow) or the case (review/block), the decision and the
+    /// idempotent response atomically. An `allow` whose reservation no longer fits is turned
+    /// into a `block` before anything is written.
+    async fn commit_decision(&self, record: DecisionRecord) -> Result<CommitOutcome, StoreError>;
+
+    /// Deletes idempotency records that expired before `now_ms`; returns how many.
+    async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// Loads customers if the store has none; returns how many were loaded.
+    async fn seed_if_empty(&self, customers: &[CustomerFixture]) -> Result<usize, StoreError>;
+
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Finishes pending writes and closes connections.
+    async fn close(&self);
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens the store named by `database_url`.
+pub async fn open(database_url: &str) -> anyhow::Result<DynStore> {
+    if let Some(path) = sqlite::path_from_url(database_url) {
+        let store = sqlite::SqliteStore::open(&path)?;
+        return Ok(Arc::new(store));
+    }
+    anyhow::bail!(
+        "DATABASE_URL must start with sqlite:// (got scheme {:?})",
+        database_url.split(':').next().unwrap_or("")
+    )
+}
