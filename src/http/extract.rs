@@ -53,7 +53,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
             let field = if path == "." || path.is_empty() {
                 // Missing, unknown and duplicate fields are reported on their parent.
                 quoted_field(&message).unwrap_or("body").to_owned()
-            } else if message.starts_with("unknown field") || message.starts_with("missing field") || message.starts_with("duplicate field") {
+            } else if message.starts_with("missing field") {
                 match quoted_field(&message) {
                     Some(f) => format!("{path}.{f}"),
                     None => path,
