@@ -238,3 +238,9 @@ pub async fn open(database_url: &str) -> anyhow::Result<DynStore> {
         database_url.split(':').next().unwrap_or("")
     )
 }
+
+/// Creates an empty PostgreSQL database next to `base_url` and returns its URL (for tests
+/// and the benchmark, which want a fresh database each run).
+pub async fn postgres_test_database(base_url: &str) -> anyhow::Result<String> {
+    anyhow::bail!("PostgreSQL storage is not available in this build (asked for {base_url:?})")
+}

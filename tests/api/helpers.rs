@@ -1,0 +1,205 @@
+//! Test harness: a real PayNow server on port 0 with a fresh database per test.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use paynow::Config;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const API_KEY: &str = "test-key-0123456789";
+
+/// The storage engine a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// Whether this machine can run the backend; explains itself when it cannot.
+    /// In CI (`CI=true`) a missing server fails the test instead of skipping it.
+    pub fn available(self) -> bool {
+        match self {
+            Backend::Sqlite => true,
+            Backend::Postgres => {
+                let ok = std::env::var("PAYNOW_TEST_POSTGRES_URL").is_ok_and(|u| !u.is_empty());
+                if !ok {
+                    assert!(
+                        std::env::var("CI").is_err(),
+                        "CI must set PAYNOW_TEST_POSTGRES_URL (see .ci/run)"
+                    );
+                    eprintln!("SKIPPED: PAYNOW_TEST_POSTGRES_URL is not set; this PostgreSQL test did not run");
+                }
+                ok
+            }
+        }
+    }
+
+    /// A fresh, empty database for one test.
+    pub async fn fresh_database(self, dir: &std::path::Path) -> String {
+        match self {
+            Backend::Sqlite => format!("sqlite://{}", dir.join("paynow.db").display()),
+            Backend::Postgres => postgres_fresh_database().await,
+        }
+    }
+}
+
+/// Creates an empty PostgreSQL database named after a random id and returns its URL.
+async fn postgres_fresh_database() -> String {
+    let base = std::env::var("PAYNOW_TEST_POSTGRES_URL").expect("checked by available()");
+    paynow::store::postgres_test_database(&base)
+        .await
+        .expect("create a fresh PostgreSQL database")
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub database_url: String,
+    pub config: Config,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    pub dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+/// Starts a server with the default configuration on `backend`.
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_with(backend, |_| {}).await
+}
+
+/// Starts a server after `customize` has adjusted the configuration.
+pub async fn spawn_with(backend: Backend, customize: impl FnOnce(&mut Config)) -> TestApp {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
+    let database_url = backend.fresh_database(dir.path()).await;
+    let mut config = Config::with_key(API_KEY, &database_url).expect("valid config");
+    customize(&mut config);
+    start(config, dir).await
+}
+
+/// Starts a server on an existing configuration (e.g. a restart on the same database).
+pub async fn start(config: Config, dir: std::sync::Arc<tempfile::TempDir>) -> TestApp {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let addr = listener.local_addr().expect("local addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let state = paynow::startup::build_state(config.clone())
+        .await
+        .expect("server builds");
+    let server = tokio::spawn(paynow::startup::serve_state(state, listener, async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client"),
+        database_url: config.database_url.clone(),
+        config,
+        shutdown: Some(tx),
+        server: Some(server),
+        dir,
+    }
+}
+
+impl TestApp {
+    /// Stops the server gracefully and waits until the store is closed.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server exits cleanly");
+        }
+    }
+
+    /// Stops this server and starts another on the same database.
+    pub async fn restart(self) -> TestApp {
+        let config = self.config.clone();
+        let dir = self.dir.clone();
+        self.stop().await;
+        start(config, dir).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// `POST /payments/decide` with the test API key and a JSON body.
+    pub async fn decide(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/payments/decide"))
+            .header("X-API-Key", API_KEY)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Sends a decide request and returns status and JSON body.
+    pub async fn decide_json(&self, body: &Value) -> (u16, Value) {
+        let res = self.decide(body).await;
+        let status = res.status().as_u16();
+        let body = res.json().await.expect("JSON body");
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .header("X-API-Key", API_KEY)
+            .send()
+            .await
+            .expect("request sent")
+    }
+}
+
+/// A payment body with a fresh idempotency key.
+pub fn payment(customer: &str, amount: &str, payee: &str) -> Value {
+    payment_in(customer, amount, "USD", payee)
+}
+
+pub fn payment_in(customer: &str, amount: &str, currency: &str, payee: &str) -> Value {
+    let amount: Value = serde_json::from_str(amount).expect("amount is a JSON number");
+    json!({
+        "customerId": customer,
+        "amount": amount,
+        "currency": currency,
+        "payeeId": payee,
+        "idempotencyKey": uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// Raises the rate limit so tests that send many payments for one customer are not limited.
+pub fn no_rate_limit(config: &mut Config) {
+    config.rate_limit = paynow::ratelimit::Quota::new(100_000, 100_000).expect("valid quota");
+}
+
+/// Generates, for each listed `async fn name(backend: Backend)`, one test per backend.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if $crate::helpers::Backend::Postgres.available() {
+                        super::$name($crate::helpers::Backend::Postgres).await
+                    }
+                }
+            )*
+        }
+    };
+}
