@@ -1,8 +1,34 @@
+//! Decisions: the brief's example and every reason of the default policy.
+
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, payment, spawn_app};
+use crate::helpers::{Backend, no_rate_limit, payment, payment_in, spawn_app, spawn_with};
 
-crate::on_every_backend!(the_brief_example_is_reviewed_for_recent_disputes);
+crate::on_every_backend!(
+    the_brief_example_is_reviewed_for_recent_disputes,
+    a_payment_is_allowed_once_then_blocked_for_insufficient_funds,
+    every_block_reason_of_the_default_policy_fires,
+    every_review_reason_of_the_default_policy_fires,
+    the_daily_limit_counts_what_was_reserved_today,
+    too_many_payments_in_the_window_go_to_review,
+    a_failing_risk_tool_fails_safe_to_review,
+    a_timing_out_balance_tool_fails_safe_to_review,
+    a_transient_tool_failure_is_retried,
+);
+
+fn steps(body: &Value) -> Vec<(String, String)> {
+    body["agentTrace"]
+        .as_array()
+        .expect("agentTrace is an array")
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap().to_owned(),
+                s["detail"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
 
 async fn the_brief_example_is_reviewed_for_recent_disputes(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -16,22 +42,146 @@ async fn the_brief_example_is_reviewed_for_recent_disputes(backend: Backend) {
     assert_eq!(body["reasons"], json!(["recent_disputes"]));
     assert_eq!(body["requestId"], header_id.as_str());
     assert!(header_id.starts_with("req_"));
-    let steps: Vec<(&str, &str)> = body["agentTrace"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (s["step"].as_str().unwrap(), s["detail"].as_str().unwrap()))
-        .collect();
-    assert_eq!(
-        steps,
-        vec![
-            ("plan", "Check balance, risk, and limits"),
-            ("tool:getBalance", "balance=300.00"),
-            ("tool:getRiskSignals", "recent_disputes=2, device_change=true"),
-            ("tool:recommend", "route to manual review"),
-        ]
-    );
+    let expected = [
+        ("plan", "Check balance, risk, and limits"),
+        ("tool:getBalance", "balance=300.00"),
+        ("tool:getRiskSignals", "recent_disputes=2, device_change=true"),
+        ("tool:recommend", "route to manual review"),
+    ];
+    let got = steps(&body);
+    assert_eq!(got.len(), expected.len(), "{got:?}");
+    for ((step, detail), (want_step, want_detail)) in got.iter().zip(expected) {
+        assert_eq!((step.as_str(), detail.as_str()), (want_step, want_detail));
+    }
     assert!(body["caseId"].as_str().unwrap().starts_with("case_"));
-    let _ = payment;
+    assert!(body.get("reservationId").is_none());
+    app.stop().await;
+}
+
+async fn a_payment_is_allowed_once_then_blocked_for_insufficient_funds(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (status, first) = app.decide_json(&payment("c_456", "600.00", "p_789")).await;
+    assert_eq!(status, 200);
+    assert_eq!(first["decision"], "allow", "{first}");
+    assert_eq!(first["reasons"], json!([]));
+    assert!(first["reservationId"].as_str().unwrap().starts_with("res_"));
+    let (_, second) = app.decide_json(&payment("c_456", "600.00", "p_789")).await;
+    assert_eq!(second["decision"], "block", "{second}");
+    assert_eq!(second["reasons"], json!(["insufficient_funds"]));
+    // What is left is exactly 400.00: to the cent.
+    let (_, over) = app.decide_json(&payment("c_456", "400.01", "p_789")).await;
+    assert_eq!(over["reasons"], json!(["insufficient_funds"]));
+    let (_, exact) = app.decide_json(&payment("c_456", "400.00", "p_789")).await;
+    assert_eq!(exact["decision"], "allow", "{exact}");
+    app.stop().await;
+}
+
+async fn expect(app: &crate::helpers::TestApp, body: Value, decision: &str, reasons: Value) {
+    let (status, got) = app.decide_json(&body).await;
+    assert_eq!(status, 200, "{body} -> {got}");
+    assert_eq!(got["decision"], decision, "{body} -> {got}");
+    assert_eq!(got["reasons"], reasons, "{body} -> {got}");
+}
+
+async fn every_block_reason_of_the_default_policy_fires(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    expect(&app, payment("c_789", "125.50", "p_789"), "block", json!(["insufficient_funds"])).await;
+    expect(&app, payment("c_eur", "10.00", "p_789"), "block", json!(["currency_mismatch"])).await;
+    expect(&app, payment_in("c_eur", "10.00", "EUR", "p_789"), "allow", json!([])).await;
+    expect(&app, payment("c_rich", "6000.00", "p_789"), "block", json!(["limit_exceeded"])).await;
+    expect(&app, payment("c_456", "10.00", "p_blocked"), "block", json!(["blocked_payee"])).await;
+    expect(&app, payment("c_nope", "10.00", "p_789"), "block", json!(["unknown_customer"])).await;
+    // Several rules: block reasons first, then review reasons.
+    expect(
+        &app,
+        payment("c_123", "1500.00", "p_blocked"),
+        "block",
+        json!(["insufficient_funds", "blocked_payee", "recent_disputes", "new_device_high_amount", "new_payee_high_amount"]),
+    )
+    .await;
+    // Other currencies keep their own minor units.
+    expect(&app, payment_in("c_jpy", "1000", "JPY", "p_789"), "allow", json!([])).await;
+    expect(&app, payment_in("c_bhd", "1.234", "BHD", "p_789"), "allow", json!([])).await;
+    app.stop().await;
+}
+
+async fn every_review_reason_of_the_default_policy_fires(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    expect(&app, payment("c_rich", "1500.00", "p_789"), "allow", json!([])).await;
+    expect(&app, payment("c_rich", "1500.00", "p_new"), "review", json!(["new_payee_high_amount"])).await;
+    expect(&app, payment("c_rich", "999.99", "p_new2"), "allow", json!([])).await;
+    expect(&app, payment("c_newdev", "1200.00", "p_789"), "review", json!(["new_device_high_amount"])).await;
+    expect(&app, payment("c_newdev", "999.99", "p_789"), "allow", json!([])).await;
+    expect(&app, payment("c_123", "10.00", "p_789"), "review", json!(["recent_disputes"])).await;
+    // A payee paid once (allowed) is known from then on.
+    expect(&app, payment("c_rich", "10.00", "p_fresh"), "allow", json!([])).await;
+    expect(&app, payment("c_rich", "1000.00", "p_fresh"), "allow", json!([])).await;
+    app.stop().await;
+}
+
+async fn the_daily_limit_counts_what_was_reserved_today(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    expect(&app, payment("c_rich", "5000.00", "p_789"), "allow", json!([])).await;
+    expect(&app, payment("c_rich", "5000.00", "p_789"), "allow", json!([])).await;
+    let (_, body) = app.decide_json(&payment("c_rich", "0.01", "p_789")).await;
+    assert_eq!(body["decision"], "block");
+    assert_eq!(body["reasons"], json!(["limit_exceeded"]));
+    app.stop().await;
+}
+
+async fn too_many_payments_in_the_window_go_to_review(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    for i in 0..10 {
+        let (_, body) = app.decide_json(&payment("c_rich", "1.00", "p_789")).await;
+        assert_eq!(body["decision"], "allow", "payment {i}: {body}");
+    }
+    let (_, body) = app.decide_json(&payment("c_rich", "1.00", "p_789")).await;
+    assert_eq!(body["decision"], "review", "{body}");
+    assert_eq!(body["reasons"], json!(["high_velocity"]));
+    app.stop().await;
+}
+
+async fn a_failing_risk_tool_fails_safe_to_review(backend: Backend) {
+    let app = spawn_with(backend, |c| {
+        c.faults = paynow::agent::tools::parse_faults("getRiskSignals=fail").unwrap();
+    })
+    .await;
+    let (_, body) = app.decide_json(&payment("c_456", "10.00", "p_789")).await;
+    assert_eq!(body["decision"], "review", "{body}");
+    assert_eq!(body["reasons"], json!(["risk_signals_unavailable"]));
+    let trace = steps(&body);
+    let risk = trace.iter().find(|(s, _)| s == "tool:getRiskSignals").unwrap();
+    assert!(risk.1.contains("unavailable after 3 attempts"), "{risk:?}");
+    let metrics: Value = app.get("/metrics").await.json().await.unwrap();
+    assert_eq!(metrics["tool_failures"]["getRiskSignals"], 1);
+    app.stop().await;
+}
+
+async fn a_timing_out_balance_tool_fails_safe_to_review(backend: Backend) {
+    let app = spawn_with(backend, |c| {
+        c.faults = paynow::agent::tools::parse_faults("getBalance=timeout").unwrap();
+    })
+    .await;
+    let (_, body) = app.decide_json(&payment("c_456", "10.00", "p_789")).await;
+    assert_eq!(body["decision"], "review", "{body}");
+    assert_eq!(body["reasons"], json!(["balance_unavailable"]));
+    let trace = steps(&body);
+    let balance = trace.iter().find(|(s, _)| s == "tool:getBalance").unwrap();
+    assert!(balance.1.contains("timed out"), "{balance:?}");
+    // Never allow on missing data, and hold nothing.
+    assert!(body.get("reservationId").is_none());
+    app.stop().await;
+}
+
+async fn a_transient_tool_failure_is_retried(backend: Backend) {
+    let app = spawn_with(backend, |c| {
+        c.faults = paynow::agent::tools::parse_faults("getBalance=flaky:1").unwrap();
+    })
+    .await;
+    let (_, body) = app.decide_json(&payment("c_456", "10.00", "p_789")).await;
+    assert_eq!(body["decision"], "allow", "{body}");
+    let balance = &body["agentTrace"][1];
+    assert_eq!(balance["step"], "tool:getBalance");
+    assert_eq!(balance["attempts"], 2);
     app.stop().await;
 }

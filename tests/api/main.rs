@@ -4,3 +4,7 @@
 mod helpers;
 
 mod decisions;
+mod idempotency;
+mod money;
+mod ratelimit;
+mod validation;

@@ -1,0 +1,135 @@
+//! Idempotency: replays, reuse, concurrency, restarts.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{API_KEY, Backend, no_rate_limit, payment, spawn_app, spawn_with};
+
+crate::on_every_backend!(
+    the_same_key_and_payload_replays_the_identical_response,
+    the_same_key_with_another_payload_is_refused,
+    the_key_may_come_in_the_header,
+    sixteen_concurrent_requests_with_one_key_execute_once,
+    stored_answers_survive_a_restart,
+);
+
+async fn the_same_key_and_payload_replays_the_identical_response(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let body = payment("c_456", "600.00", "p_789");
+    let first = app.decide(&body).await;
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first_id = first.headers()["x-request-id"].clone();
+    let first = first.bytes().await.unwrap();
+    // 600 and 600.00 are the same payment.
+    let mut same = body.clone();
+    same["amount"] = json!(600);
+    let second = app.decide(&same).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+    assert_eq!(second.headers()["x-request-id"], first_id);
+    assert_eq!(second.bytes().await.unwrap(), first, "byte-identical replay");
+    // Only one reservation was made: 400.00 is still available.
+    let (_, body) = app.decide_json(&payment("c_456", "400.00", "p_789")).await;
+    assert_eq!(body["decision"], "allow", "{body}");
+    let metrics: Value = app.get("/metrics").await.json().await.unwrap();
+    assert_eq!(metrics["idempotent_replays"], 1);
+    assert_eq!(metrics["decisions"]["allow"], 2);
+    app.stop().await;
+}
+
+async fn the_same_key_with_another_payload_is_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let body = payment("c_456", "10.00", "p_789");
+    assert_eq!(app.decide(&body).await.status(), 200);
+    let mut other = body.clone();
+    other["amount"] = json!(11.00);
+    let (status, problem) = app.decide_json(&other).await;
+    assert_eq!(status, 422);
+    assert_eq!(problem["code"], "idempotency_key_reused");
+    app.stop().await;
+}
+
+async fn the_key_may_come_in_the_header(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut body = payment("c_456", "10.00", "p_789");
+    body.as_object_mut().unwrap().remove("idempotencyKey");
+    let send = |key: &'static str, body: Value| {
+        app.client
+            .post(app.url("/payments/decide"))
+            .header("X-API-Key", API_KEY)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+    };
+    let first = send("header-key-1", body.clone()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let again = send("header-key-1", body.clone()).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    // Body and header disagree: refused, naming the field.
+    let mut both = body.clone();
+    both["idempotencyKey"] = json!("another");
+    let res = send("header-key-2", both).await.unwrap();
+    assert_eq!(res.status(), 422);
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "idempotencyKey");
+    // Neither: refused.
+    let (status, problem) = app.decide_json(&body).await;
+    assert_eq!(status, 422);
+    assert_eq!(problem["errors"][0]["field"], "idempotencyKey");
+    app.stop().await;
+}
+
+async fn sixteen_concurrent_requests_with_one_key_execute_once(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    let body = payment("c_456", "600.00", "p_789");
+    let sends = (0..16).map(|_| async {
+        let res = app.decide(&body).await;
+        let status = res.status().as_u16();
+        (status, res.bytes().await.unwrap())
+    });
+    let answers = futures::future::join_all(sends).await;
+    let mut bodies = HashSet::new();
+    for (status, bytes) in &answers {
+        match status {
+            200 => {
+                bodies.insert(bytes.clone());
+            }
+            409 => {
+                let problem: Value = serde_json::from_slice(bytes).unwrap();
+                assert_eq!(problem["code"], "idempotency_in_progress");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(bodies.len(), 1, "every 200 carries the one stored answer");
+    // Exactly one reservation of 600.00: 400.00 left, not less.
+    let (_, after) = app.decide_json(&payment("c_456", "400.00", "p_789")).await;
+    assert_eq!(after["decision"], "allow", "{after}");
+    let metrics: Value = app.get("/metrics").await.json().await.unwrap();
+    assert_eq!(metrics["decisions"]["allow"], 2, "{metrics}");
+    app.stop().await;
+}
+
+async fn stored_answers_survive_a_restart(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let bodies = [
+        payment("c_456", "600.00", "p_789"),
+        payment("c_123", "125.50", "p_789"),
+        payment("c_789", "125.50", "p_789"),
+    ];
+    let mut answers = Vec::new();
+    for b in &bodies {
+        answers.push(app.decide(b).await.bytes().await.unwrap());
+    }
+    let app = app.restart().await;
+    for (b, answer) in bodies.iter().zip(&answers) {
+        let res = app.decide(b).await;
+        assert_eq!(res.headers()["idempotent-replayed"], "true");
+        assert_eq!(&res.bytes().await.unwrap(), answer);
+    }
+    // The reservation survived too.
+    let (_, body) = app.decide_json(&payment("c_456", "400.01", "p_789")).await;
+    assert_eq!(body["reasons"], json!(["insufficient_funds"]));
+    app.stop().await;
+}

@@ -1,0 +1,28 @@
+//! The per-customer rate limit.
+
+use crate::helpers::{Backend, payment, spawn_app};
+
+crate::on_every_backend!(six_rapid_calls_for_one_customer_meet_the_limit);
+
+async fn six_rapid_calls_for_one_customer_meet_the_limit(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut limited = None;
+    for _ in 0..6 {
+        let res = app.decide(&payment("c_rich", "1.00", "p_789")).await;
+        if res.status() == 429 {
+            limited = Some(res);
+        }
+    }
+    let res = limited.expect("at least one of 6 rapid calls is limited (5 rps, burst 5)");
+    let retry: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert_eq!(res.headers()["ratelimit-limit"], "5");
+    assert_eq!(res.headers()["ratelimit-remaining"], "0");
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "rate_limited");
+    // Another customer is not affected.
+    assert_eq!(app.decide(&payment("c_456", "1.00", "p_789")).await.status(), 200);
+    let metrics: serde_json::Value = app.get("/metrics").await.json().await.unwrap();
+    assert!(metrics["rate_limited"].as_u64().unwrap() >= 1);
+    app.stop().await;
+}
