@@ -6,5 +6,6 @@ mod helpers;
 mod decisions;
 mod idempotency;
 mod money;
+mod process;
 mod ratelimit;
 mod validation;
