@@ -73,6 +73,16 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     AppError::Internal("handler panicked".into()).into_response()
 }
 
+/// Every route served, as (method, path). The OpenAPI test checks each is documented.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/payments/decide"),
+    ("GET", "/metrics"),
+    ("GET", "/metrics/prometheus"),
+    ("GET", "/openapi.json"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+];
+
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/payments/decide", post(decide::decide_payment))

@@ -6,6 +6,7 @@ mod helpers;
 mod decisions;
 mod idempotency;
 mod money;
+mod ops;
 mod process;
 mod ratelimit;
 mod validation;
