@@ -33,7 +33,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PAYNOW_BIND", default_value = "127.0.0.1:8000")]
     pub bind: SocketAddr,
     /// `sqlite://FILE` (embedded default).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://paynow.db", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://paynow.db",
+        hide_env_values = true
+    )]
     pub database_url: String,
     /// When set, rate limits are global through Redis.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
@@ -122,7 +127,9 @@ impl ApiKeys {
             });
         }
         if keys.is_empty() {
-            return Err("no API key: set API_KEY (or API_KEYS=name:key,...) to start PayNow".into());
+            return Err(
+                "no API key: set API_KEY (or API_KEYS=name:key,...) to start PayNow".into(),
+            );
         }
         Ok(ApiKeys(keys))
     }
@@ -215,7 +222,11 @@ mod tests {
 
     #[test]
     fn keys_are_parsed_with_optional_names() {
-        let keys = ApiKeys::parse(Some("local-dev-key"), Some("ops:ops-secret-1, new:rotated-key-2")).unwrap();
+        let keys = ApiKeys::parse(
+            Some("local-dev-key"),
+            Some("ops:ops-secret-1, new:rotated-key-2"),
+        )
+        .unwrap();
         assert!(keys.identify(b"local-dev-key").unwrap().starts_with("key-"));
         assert_eq!(&*keys.identify(b"ops-secret-1").unwrap(), "ops");
         assert_eq!(&*keys.identify(b"rotated-key-2").unwrap(), "new");

@@ -85,7 +85,9 @@ impl AppError {
         match self {
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::MalformedJson(_) => StatusCode::BAD_REQUEST,
-            AppError::Invalid(_) | AppError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Invalid(_) | AppError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -174,7 +176,10 @@ pub fn rate_limit_headers(res: &mut Response, d: &RateDecision) {
     let h = res.headers_mut();
     h.insert("ratelimit-limit", d.limit.into());
     h.insert("ratelimit-remaining", d.remaining.into());
-    h.insert("ratelimit-reset", (d.reset_after.as_secs_f64().ceil() as u64).into());
+    h.insert(
+        "ratelimit-reset",
+        (d.reset_after.as_secs_f64().ceil() as u64).into(),
+    );
 }
 
 impl IntoResponse for AppError {

@@ -31,7 +31,13 @@ pub struct Expected {
 }
 
 /// Outcome of one case: `None` if it passed, else what went wrong.
-async fn run_case(client: &reqwest::Client, base: &str, api_key: &str, case: &EvalCase, run_id: &str) -> Option<String> {
+async fn run_case(
+    client: &reqwest::Client,
+    base: &str,
+    api_key: &str,
+    case: &EvalCase,
+    run_id: &str,
+) -> Option<String> {
     let url = format!("{}/payments/decide", base.trim_end_matches('/'));
     let send = |body: &Value, n: usize| {
         let mut body = body.clone();
@@ -80,7 +86,11 @@ async fn run_case(client: &reqwest::Client, base: &str, api_key: &str, case: &Ev
     let decision = body["decision"].as_str().unwrap_or("").to_owned();
     let reasons: Vec<String> = body["reasons"]
         .as_array()
-        .map(|a| a.iter().filter_map(|r| r.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     if decision == case.expect.decision && reasons == case.expect.reasons {
         None
@@ -95,7 +105,8 @@ async fn run_case(client: &reqwest::Client, base: &str, api_key: &str, case: &Ev
 pub fn load_cases(path: &Path) -> anyhow::Result<Vec<EvalCase>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("invalid cases in {}: {e}", path.display()))
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("invalid cases in {}: {e}", path.display()))
 }
 
 /// Runs every case and prints failures and a summary; exit 0 only if all pass.

@@ -62,8 +62,8 @@ pub fn parse(text: &str) -> Result<Vec<CustomerFixture>, FixtureError> {
         .enumerate()
         .map(|(index, row)| {
             let invalid = |problem: String| FixtureError::Invalid { index, problem };
-            let currency = Currency::parse(&row.currency)
-                .map_err(|e| invalid(format!("currency: {e}")))?;
+            let currency =
+                Currency::parse(&row.currency).map_err(|e| invalid(format!("currency: {e}")))?;
             // A zero balance is a legitimate account; parse it as cents directly.
             let balance = if row.balance.trim() == "0" {
                 Money::from_minor(0, currency)
@@ -130,8 +130,9 @@ mod tests {
         let err = parse(r#"{"customers":[{"customerId":"c 1","currency":"USD","balance":"1"}]}"#)
             .unwrap_err();
         assert!(err.to_string().contains("customerId"), "{err}");
-        let err = parse(r#"{"customers":[{"customerId":"c1","currency":"USD","balance":"1.001"}]}"#)
-            .unwrap_err();
+        let err =
+            parse(r#"{"customers":[{"customerId":"c1","currency":"USD","balance":"1.001"}]}"#)
+                .unwrap_err();
         assert!(err.to_string().contains("balance"), "{err}");
     }
 }

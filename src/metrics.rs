@@ -49,13 +49,17 @@ pub struct MetricsSnapshot {
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(c.clone())).expect("unique metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
     c
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric");
-    registry.register(Box::new(c.clone())).expect("unique metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
     c
 }
 
@@ -75,15 +79,45 @@ impl Metrics {
             &["route"],
         )
         .expect("valid metric");
-        registry.register(Box::new(latency.clone())).expect("unique metric");
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("unique metric");
         let m = Metrics {
-            requests: counter_vec(&registry, "http_requests_total", "HTTP requests", &["route", "status"]),
+            requests: counter_vec(
+                &registry,
+                "http_requests_total",
+                "HTTP requests",
+                &["route", "status"],
+            ),
             latency,
-            decisions: counter_vec(&registry, "decisions_total", "Decisions made", &["decision"]),
-            reasons: counter_vec(&registry, "decision_reasons_total", "Reasons given", &["reason"]),
-            rate_limited: counter(&registry, "rate_limited_total", "Requests refused by the rate limit"),
-            replays: counter(&registry, "idempotent_replays_total", "Stored responses replayed"),
-            tool_failures: counter_vec(&registry, "tool_failures_total", "Tool calls that failed after retries", &["tool"]),
+            decisions: counter_vec(
+                &registry,
+                "decisions_total",
+                "Decisions made",
+                &["decision"],
+            ),
+            reasons: counter_vec(
+                &registry,
+                "decision_reasons_total",
+                "Reasons given",
+                &["reason"],
+            ),
+            rate_limited: counter(
+                &registry,
+                "rate_limited_total",
+                "Requests refused by the rate limit",
+            ),
+            replays: counter(
+                &registry,
+                "idempotent_replays_total",
+                "Stored responses replayed",
+            ),
+            tool_failures: counter_vec(
+                &registry,
+                "tool_failures_total",
+                "Tool calls that failed after retries",
+                &["tool"],
+            ),
             limiter_fallbacks: counter(
                 &registry,
                 "rate_limiter_fallbacks_total",
@@ -103,8 +137,12 @@ impl Metrics {
 
     pub fn observe_request(&self, route: &str, status: u16, elapsed: Duration) {
         let status = status.to_string();
-        self.requests.with_label_values(&[route, status.as_str()]).inc();
-        self.latency.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+        self.requests
+            .with_label_values(&[route, status.as_str()])
+            .inc();
+        self.latency
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn decision(&self, decision: Decision, reasons: &[Reason]) {
@@ -172,13 +210,16 @@ impl Metrics {
                         *snap.requests_by_status.entry(label("status")).or_default() += v;
                     }
                     "decisions_total" => {
-                        snap.decisions.insert(label("decision"), m.get_counter().get_value() as u64);
+                        snap.decisions
+                            .insert(label("decision"), m.get_counter().get_value() as u64);
                     }
                     "decision_reasons_total" => {
-                        snap.reasons.insert(label("reason"), m.get_counter().get_value() as u64);
+                        snap.reasons
+                            .insert(label("reason"), m.get_counter().get_value() as u64);
                     }
                     "tool_failures_total" => {
-                        snap.tool_failures.insert(label("tool"), m.get_counter().get_value() as u64);
+                        snap.tool_failures
+                            .insert(label("tool"), m.get_counter().get_value() as u64);
                     }
                     "http_request_duration_seconds" => {
                         let h = m.get_histogram();
@@ -259,8 +300,16 @@ mod tests {
         }
         let s = m.snapshot();
         assert_eq!(s.total_requests, 100);
-        assert!(s.p50_latency_ms > 0.5 && s.p50_latency_ms <= 1.0, "{}", s.p50_latency_ms);
-        assert!(s.p95_latency_ms > 25.0 && s.p95_latency_ms <= 50.0, "{}", s.p95_latency_ms);
+        assert!(
+            s.p50_latency_ms > 0.5 && s.p50_latency_ms <= 1.0,
+            "{}",
+            s.p50_latency_ms
+        );
+        assert!(
+            s.p95_latency_ms > 25.0 && s.p95_latency_ms <= 50.0,
+            "{}",
+            s.p95_latency_ms
+        );
         assert_eq!(s.decide_p95_latency_ms, s.p95_latency_ms);
     }
 

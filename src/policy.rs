@@ -102,7 +102,9 @@ impl Policy {
             return Err(PolicyError::Invalid("tools.deadline_ms must be positive"));
         }
         if self.velocity.window_secs == 0 {
-            return Err(PolicyError::Invalid("velocity.window_secs must be positive"));
+            return Err(PolicyError::Invalid(
+                "velocity.window_secs must be positive",
+            ));
         }
         Ok(())
     }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::agent::Agent;
-use crate::agent::tools::{BalanceTool, Fault, RiskTool, StoreBalance, StoreRiskSignals, WithFault};
+use crate::agent::tools::{
+    BalanceTool, Fault, RiskTool, StoreBalance, StoreRiskSignals, WithFault,
+};
 use crate::config::Config;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
@@ -77,7 +79,9 @@ pub async fn serve_state(
     let purge = tokio::spawn(purge_loop(state.clone()));
     let app = router(state.clone());
     tracing::info!(event = "paynow.listening", addr = %listener.local_addr()?);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     purge.abort();
     state.store.close().await;
     tracing::info!(event = "paynow.stopped");
@@ -117,5 +121,8 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = terminate => {},
     }
-    tracing::info!(event = "paynow.shutdown", "signal received; finishing in-flight requests");
+    tracing::info!(
+        event = "paynow.shutdown",
+        "signal received; finishing in-flight requests"
+    );
 }

@@ -118,13 +118,14 @@ async fn call_with_retries<T: Send>(
     let mut attempts = 0;
     let result = loop {
         attempts += 1;
-        let result = match tokio::time::timeout(limits.deadline(), tool.call(payment, since_ms)).await {
-            Ok(result) => result,
-            Err(_) => Err(ToolError::Failed(format!(
-                "timed out after {} ms",
-                limits.deadline_ms
-            ))),
-        };
+        let result =
+            match tokio::time::timeout(limits.deadline(), tool.call(payment, since_ms)).await {
+                Ok(result) => result,
+                Err(_) => Err(ToolError::Failed(format!(
+                    "timed out after {} ms",
+                    limits.deadline_ms
+                ))),
+            };
         match result {
             Ok(v) => break Ok(v),
             Err(e) if attempts >= limits.max_attempts => break Err(e),
@@ -141,7 +142,12 @@ async fn call_with_retries<T: Send>(
     }
 }
 
-fn tool_step<T>(name: &str, called: &Called<T>, detail: String, data: Option<serde_json::Value>) -> TraceStep {
+fn tool_step<T>(
+    name: &str,
+    called: &Called<T>,
+    detail: String,
+    data: Option<serde_json::Value>,
+) -> TraceStep {
     TraceStep {
         step: format!("tool:{name}"),
         detail,
@@ -187,11 +193,21 @@ impl Agent {
                     "reserved": format_minor(account.reserved_minor, account.balance.currency().exponent()),
                     "available": format_minor(account.available_minor(), account.balance.currency().exponent()),
                 });
-                trace.push(tool_step(self.balance.name(), &balance, balance_detail(account), Some(data)));
+                trace.push(tool_step(
+                    self.balance.name(),
+                    &balance,
+                    balance_detail(account),
+                    Some(data),
+                ));
                 Fetched::Found(account)
             }
             Ok(None) => {
-                trace.push(tool_step(self.balance.name(), &balance, "no account for customer".into(), None));
+                trace.push(tool_step(
+                    self.balance.name(),
+                    &balance,
+                    "no account for customer".into(),
+                    None,
+                ));
                 Fetched::Missing
             }
             Err(e) => {
@@ -222,7 +238,12 @@ impl Agent {
                 Fetched::Found(profile)
             }
             Ok(None) => {
-                trace.push(tool_step(self.risk.name(), &risk, "no risk profile for customer".into(), None));
+                trace.push(tool_step(
+                    self.risk.name(),
+                    &risk,
+                    "no risk profile for customer".into(),
+                    None,
+                ));
                 Fetched::Missing
             }
             Err(e) => {

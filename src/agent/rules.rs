@@ -70,7 +70,11 @@ pub fn evaluate(policy: &Policy, facts: &Facts<'_>) -> Vec<Finding> {
             if amount.minor() > per_payment {
                 fire(
                     Reason::LimitExceeded,
-                    format!("amount {} > per-payment limit {}", amount, show(per_payment)),
+                    format!(
+                        "amount {} > per-payment limit {}",
+                        amount,
+                        show(per_payment)
+                    ),
                 );
             } else if today.saturating_add(amount.minor()) > daily {
                 fire(
@@ -86,10 +90,7 @@ pub fn evaluate(policy: &Policy, facts: &Facts<'_>) -> Vec<Finding> {
         }
     }
 
-    if policy
-        .blocked_payees
-        .contains(facts.payment.payee.as_str())
-    {
+    if policy.blocked_payees.contains(facts.payment.payee.as_str()) {
         fire(Reason::BlockedPayee, "payee is on the blocklist".into());
     }
 
@@ -112,13 +113,21 @@ pub fn evaluate(policy: &Policy, facts: &Facts<'_>) -> Vec<Finding> {
             if risk.device_change && amount.minor() >= high_amount {
                 fire(
                     Reason::NewDeviceHighAmount,
-                    format!("device changed and amount {} >= {}", amount, show(high_amount)),
+                    format!(
+                        "device changed and amount {} >= {}",
+                        amount,
+                        show(high_amount)
+                    ),
                 );
             }
             if !risk.known_payee && amount.minor() >= high_amount {
                 fire(
                     Reason::NewPayeeHighAmount,
-                    format!("first payment to payee and amount {} >= {}", amount, show(high_amount)),
+                    format!(
+                        "first payment to payee and amount {} >= {}",
+                        amount,
+                        show(high_amount)
+                    ),
                 );
             }
             if risk.recent_payments >= policy.velocity.max_payments {
@@ -126,7 +135,9 @@ pub fn evaluate(policy: &Policy, facts: &Facts<'_>) -> Vec<Finding> {
                     Reason::HighVelocity,
                     format!(
                         "{} payments in the last {} s; this one makes more than {}",
-                        risk.recent_payments, policy.velocity.window_secs, policy.velocity.max_payments
+                        risk.recent_payments,
+                        policy.velocity.window_secs,
+                        policy.velocity.max_payments
                     ),
                 );
             }
@@ -205,7 +216,11 @@ mod tests {
     #[test]
     fn a_clean_payment_within_funds_is_allowed() {
         let p = payment("600.00", "USD", "p_789");
-        let r = reasons(&p, Fetched::Found(&account("1000.00", "USD")), Fetched::Found(&clean_risk()));
+        let r = reasons(
+            &p,
+            Fetched::Found(&account("1000.00", "USD")),
+            Fetched::Found(&clean_risk()),
+        );
         assert!(r.is_empty());
         assert_eq!(decision_of(&[]), Decision::Allow);
     }
@@ -218,17 +233,29 @@ mod tests {
             device_change: true,
             ..clean_risk()
         };
-        let r = reasons(&p, Fetched::Found(&account("300.00", "USD")), Fetched::Found(&risk));
+        let r = reasons(
+            &p,
+            Fetched::Found(&account("300.00", "USD")),
+            Fetched::Found(&risk),
+        );
         assert_eq!(r, vec![Reason::RecentDisputes]);
     }
 
     #[test]
     fn one_cent_over_the_available_balance_is_insufficient() {
         let p = payment("300.01", "USD", "p_789");
-        let r = reasons(&p, Fetched::Found(&account("300.00", "USD")), Fetched::Found(&clean_risk()));
+        let r = reasons(
+            &p,
+            Fetched::Found(&account("300.00", "USD")),
+            Fetched::Found(&clean_risk()),
+        );
         assert_eq!(r, vec![Reason::InsufficientFunds]);
         let p = payment("300.00", "USD", "p_789");
-        let r = reasons(&p, Fetched::Found(&account("300.00", "USD")), Fetched::Found(&clean_risk()));
+        let r = reasons(
+            &p,
+            Fetched::Found(&account("300.00", "USD")),
+            Fetched::Found(&clean_risk()),
+        );
         assert!(r.is_empty());
     }
 
@@ -266,8 +293,15 @@ mod tests {
     #[test]
     fn unknown_customers_and_other_currencies_are_blocked() {
         let p = payment("10.00", "USD", "p_789");
-        assert_eq!(reasons(&p, Fetched::Missing, Fetched::Missing), vec![Reason::UnknownCustomer]);
-        let r = reasons(&p, Fetched::Found(&account("2000.00", "EUR")), Fetched::Found(&clean_risk()));
+        assert_eq!(
+            reasons(&p, Fetched::Missing, Fetched::Missing),
+            vec![Reason::UnknownCustomer]
+        );
+        let r = reasons(
+            &p,
+            Fetched::Found(&account("2000.00", "EUR")),
+            Fetched::Found(&clean_risk()),
+        );
         assert_eq!(r, vec![Reason::CurrencyMismatch]);
     }
 
@@ -304,7 +338,11 @@ mod tests {
             recent_disputes: 3,
             ..clean_risk()
         };
-        let r = reasons(&p, Fetched::Found(&account("1000.00", "USD")), Fetched::Found(&stranger));
+        let r = reasons(
+            &p,
+            Fetched::Found(&account("1000.00", "USD")),
+            Fetched::Found(&stranger),
+        );
         assert_eq!(
             r,
             vec![
@@ -339,7 +377,10 @@ mod tests {
     fn missing_data_never_allows() {
         let p = payment("1.00", "USD", "p_789");
         let r = reasons(&p, Fetched::Unavailable, Fetched::Unavailable);
-        assert_eq!(r, vec![Reason::BalanceUnavailable, Reason::RiskSignalsUnavailable]);
+        assert_eq!(
+            r,
+            vec![Reason::BalanceUnavailable, Reason::RiskSignalsUnavailable]
+        );
         let findings = evaluate(
             &policy(),
             &Facts {

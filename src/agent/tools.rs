@@ -100,7 +100,11 @@ pub fn parse_faults(spec: &str) -> Result<Vec<(String, Fault)>, String> {
                 "timeout" => Fault::Timeout,
                 "slow" => Fault::Slow(Duration::from_millis(u64::from(number()?))),
                 "flaky" => Fault::Flaky(number()?),
-                _ => return Err(format!("unknown fault {kind:?}: use fail, timeout, slow:MS or flaky:N")),
+                _ => {
+                    return Err(format!(
+                        "unknown fault {kind:?}: use fail, timeout, slow:MS or flaky:N"
+                    ));
+                }
             };
             Ok((tool.to_owned(), fault))
         })

@@ -153,10 +153,7 @@ mod tests {
 
     #[test]
     fn entity_ids_refuse_odd_or_long_values() {
-        assert_eq!(
-            CustomerId::parse(""),
-            Err(IdError::Length { max: 64 })
-        );
+        assert_eq!(CustomerId::parse(""), Err(IdError::Length { max: 64 }));
         assert_eq!(
             PayeeId::parse(&"x".repeat(65)),
             Err(IdError::Length { max: 64 })

@@ -254,7 +254,10 @@ mod tests {
             Err(AmountError::TooPrecise { .. })
         ));
         assert_eq!(Money::parse("1e300", usd), Err(AmountError::NotANumber));
-        assert_eq!(Money::parse("1000000000.01", usd), Err(AmountError::TooLarge));
+        assert_eq!(
+            Money::parse("1000000000.01", usd),
+            Err(AmountError::TooLarge)
+        );
         assert_eq!(Money::parse("abc", usd), Err(AmountError::NotANumber));
         assert_eq!(Money::parse("NaN", usd), Err(AmountError::NotANumber));
         assert_eq!(Money::parse("", usd), Err(AmountError::NotANumber));

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{AppState, ApiJson, Caller, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, X_REQUEST_ID};
+use super::{ApiJson, AppState, Caller, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, X_REQUEST_ID};
 use crate::domain::{
     Currency, CustomerId, IdempotencyKey, Money, PayeeId, Payment, RequestId, new_id,
 };
@@ -130,16 +130,24 @@ fn parse_request(
         None => (None, None),
         Some(ctx) => {
             let device = ctx.device_id.filter(|d| {
-                let ok = !d.is_empty() && d.len() <= 128 && d.bytes().all(|b| (0x21..=0x7e).contains(&b));
+                let ok = !d.is_empty()
+                    && d.len() <= 128
+                    && d.bytes().all(|b| (0x21..=0x7e).contains(&b));
                 if !ok {
-                    bad("context.deviceId", "must be 1 to 128 printable ASCII characters".into());
+                    bad(
+                        "context.deviceId",
+                        "must be 1 to 128 printable ASCII characters".into(),
+                    );
                 }
                 ok
             });
             let country = ctx.ip_country.filter(|c| {
                 let ok = c.len() == 2 && c.bytes().all(|b| b.is_ascii_uppercase());
                 if !ok {
-                    bad("context.ipCountry", "must be an ISO 3166 alpha-2 code such as US".into());
+                    bad(
+                        "context.ipCountry",
+                        "must be an ISO 3166 alpha-2 code such as US".into(),
+                    );
                 }
                 ok
             });
@@ -166,7 +174,10 @@ fn replay(stored: StoredResponse) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let mut res = (status, stored.body).into_response();
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     if let Ok(id) = HeaderValue::from_str(stored.request_id.as_str()) {
         h.insert(X_REQUEST_ID, id);
@@ -242,7 +253,8 @@ pub async fn decide_payment(
     for tool in &outcome.failed_tools {
         app.metrics.tool_failed(tool);
     }
-    let daily_limit_minor = Money::threshold_minor(app.agent.policy().daily_limit, payment.amount.currency());
+    let daily_limit_minor =
+        Money::threshold_minor(app.agent.policy().daily_limit, payment.amount.currency());
     let record = DecisionRecord {
         scope: scope.clone(),
         fingerprint,
@@ -255,12 +267,22 @@ pub async fn decide_payment(
         idempotency_expires_ms: now + app.config.idempotency_ttl.as_millis() as i64,
         daily_limit_minor,
     };
-    let committed = match app.store.commit_decision(record).await.map_err(store_error)? {
+    let committed = match app
+        .store
+        .commit_decision(record)
+        .await
+        .map_err(store_error)?
+    {
         CommitOutcome::Committed(c) => c,
         CommitOutcome::Duplicate => {
             // Another execution answered first; ours left nothing behind. Answer with theirs.
             drop(claim);
-            return match app.store.find_response(&scope, &fingerprint, now_ms()).await.map_err(store_error)? {
+            return match app
+                .store
+                .find_response(&scope, &fingerprint, now_ms())
+                .await
+                .map_err(store_error)?
+            {
                 Some(Lookup::Replay(stored)) => {
                     app.metrics.replayed();
                     Ok(with_rate_headers(replay(stored), &limit))
@@ -297,7 +319,9 @@ pub async fn decide_payment(
     );
 
     let mut res = (StatusCode::OK, committed.body.clone()).into_response();
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Ok(with_rate_headers(res, &limit))
 }

@@ -36,7 +36,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     let err = match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(v) => {
             // Anything after the value (a second object, stray bytes) is malformed JSON.
-            de.end().map_err(|e| AppError::MalformedJson(e.to_string()))?;
+            de.end()
+                .map_err(|e| AppError::MalformedJson(e.to_string()))?;
             return Ok(v);
         }
         Err(err) => err,
@@ -45,7 +46,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     let inner = err.into_inner();
     use serde_json::error::Category;
     match inner.classify() {
-        Category::Syntax | Category::Eof | Category::Io => Err(AppError::MalformedJson(inner.to_string())),
+        Category::Syntax | Category::Eof | Category::Io => {
+            Err(AppError::MalformedJson(inner.to_string()))
+        }
         Category::Data => {
             // serde's text, without the " at line 1 column 9" suffix.
             let full = inner.to_string();

@@ -28,7 +28,8 @@ pub async fn observe(State(app): State<AppState>, mut req: Request, next: Next) 
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().clone();
     req.extensions_mut().insert(request_id.clone());
-    req.extensions_mut().insert(BodyLimit(app.config.body_limit_bytes));
+    req.extensions_mut()
+        .insert(BodyLimit(app.config.body_limit_bytes));
 
     let mut res = match tokio::time::timeout(app.config.request_timeout, next.run(req)).await {
         Ok(res) => res,
@@ -59,7 +60,8 @@ pub async fn observe(State(app): State<AppState>, mut req: Request, next: Next) 
     }
 
     let elapsed = started.elapsed();
-    app.metrics.observe_request(&route, status.as_u16(), elapsed);
+    app.metrics
+        .observe_request(&route, status.as_u16(), elapsed);
     tracing::info!(
         event = "http.request",
         requestId = %request_id,

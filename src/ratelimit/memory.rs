@@ -26,8 +26,9 @@ impl MemoryLimiter {
     pub fn new(quota: Quota) -> Self {
         let rps = NonZeroU32::new(quota.rps).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(quota.burst).unwrap_or(NonZeroU32::MIN);
-        let limiter = governor::RateLimiter::keyed(governor::Quota::per_second(rps).allow_burst(burst))
-            .with_middleware::<StateInformationMiddleware>();
+        let limiter =
+            governor::RateLimiter::keyed(governor::Quota::per_second(rps).allow_burst(burst))
+                .with_middleware::<StateInformationMiddleware>();
         MemoryLimiter { limiter, quota }
     }
 

@@ -51,7 +51,9 @@ pub struct Quota {
 impl Quota {
     pub fn new(rps: u32, burst: u32) -> Result<Self, String> {
         if rps == 0 || burst == 0 {
-            return Err("PAYNOW_RATE_LIMIT_RPS and PAYNOW_RATE_LIMIT_BURST must be at least 1".into());
+            return Err(
+                "PAYNOW_RATE_LIMIT_RPS and PAYNOW_RATE_LIMIT_BURST must be at least 1".into(),
+            );
         }
         Ok(Quota { rps, burst })
     }

@@ -26,14 +26,18 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
     RiskProfile, Store, StoreError, StoredResponse,
 };
-use crate::domain::{Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId, format_minor};
+use crate::domain::{
+    Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId, format_minor,
+};
 use crate::fixtures::CustomerFixture;
 
 /// Most jobs committed in one transaction.
@@ -113,8 +117,9 @@ impl SqliteStore {
         }
         let mut conn = connect(path, true)
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
-        migrate(&mut conn)
-            .map_err(|e| anyhow::anyhow!("cannot migrate SQLite database {}: {e}", path.display()))?;
+        migrate(&mut conn).map_err(|e| {
+            anyhow::anyhow!("cannot migrate SQLite database {}: {e}", path.display())
+        })?;
         let (tx, rx) = mpsc::channel::<Work>(4 * MAX_BATCH);
         let writer = std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -156,7 +161,9 @@ impl SqliteStore {
         });
         let jobs = self.jobs.read().clone();
         let jobs = jobs.ok_or_else(|| unavailable("store is closed"))?;
-        jobs.send(work).await.map_err(|_| unavailable("store is closed"))?;
+        jobs.send(work)
+            .await
+            .map_err(|_| unavailable("store is closed"))?;
         answer.await.map_err(|_| unavailable("writer stopped"))?
     }
 }
@@ -277,8 +284,10 @@ fn apply_decision(
                 rec.request_id.as_str(),
                 rec.now_ms
             ])?;
-            conn.prepare_cached("INSERT OR IGNORE INTO known_payees (customer_id, payee_id) VALUES (?1, ?2)")?
-                .execute(params![customer, payee])?;
+            conn.prepare_cached(
+                "INSERT OR IGNORE INTO known_payees (customer_id, payee_id) VALUES (?1, ?2)",
+            )?
+            .execute(params![customer, payee])?;
             reservation_id = Some(rec.reservation_id.clone());
         } else {
             let now: Option<(i64, i64)> = conn
@@ -363,12 +372,14 @@ fn apply_decision(
         // A live answer exists for this key: this execution must leave no trace.
         return Ok(Savepointed::Discard(CommitOutcome::Duplicate));
     }
-    Ok(Savepointed::Keep(CommitOutcome::Committed(Box::new(Committed {
-        outcome: rec.outcome,
-        body: body.into(),
-        reservation_id,
-        case_id,
-    }))))
+    Ok(Savepointed::Keep(CommitOutcome::Committed(Box::new(
+        Committed {
+            outcome: rec.outcome,
+            body: body.into(),
+            reservation_id,
+            case_id,
+        },
+    ))))
 }
 
 fn in_flight_key(scope: &IdempotencyScope) -> String {
@@ -395,11 +406,13 @@ impl Store for SqliteStore {
         let claim = Claim::new(move || {
             in_flight.lock().remove(&key);
         });
-        Ok(match self.find_response(scope, fingerprint, now_ms).await? {
-            Some(Lookup::Replay(stored)) => Begin::Replay(stored),
-            Some(Lookup::Mismatch) => Begin::Mismatch,
-            None => Begin::Fresh(claim),
-        })
+        Ok(
+            match self.find_response(scope, fingerprint, now_ms).await? {
+                Some(Lookup::Replay(stored)) => Begin::Replay(stored),
+                Some(Lookup::Mismatch) => Begin::Mismatch,
+                None => Begin::Fresh(claim),
+            },
+        )
     }
 
     async fn find_response(
@@ -454,8 +467,9 @@ impl Store for SqliteStore {
             .optional()
         })?;
         row.map(|(currency, balance, reserved, day, outflow)| {
-            let currency = Currency::parse(&currency)
-                .map_err(|_| StoreError::Internal(format!("account has bad currency {currency:?}")))?;
+            let currency = Currency::parse(&currency).map_err(|_| {
+                StoreError::Internal(format!("account has bad currency {currency:?}"))
+            })?;
             Ok(Account {
                 customer: customer.clone(),
                 balance: Money::from_minor(balance, currency),

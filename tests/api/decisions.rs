@@ -45,7 +45,10 @@ async fn the_brief_example_is_reviewed_for_recent_disputes(backend: Backend) {
     let expected = [
         ("plan", "Check balance, risk, and limits"),
         ("tool:getBalance", "balance=300.00"),
-        ("tool:getRiskSignals", "recent_disputes=2, device_change=true"),
+        (
+            "tool:getRiskSignals",
+            "recent_disputes=2, device_change=true",
+        ),
         ("tool:recommend", "route to manual review"),
     ];
     let got = steps(&body);
@@ -85,44 +88,158 @@ async fn expect(app: &crate::helpers::TestApp, body: Value, decision: &str, reas
 
 async fn every_block_reason_of_the_default_policy_fires(backend: Backend) {
     let app = spawn_with(backend, no_rate_limit).await;
-    expect(&app, payment("c_789", "125.50", "p_789"), "block", json!(["insufficient_funds"])).await;
-    expect(&app, payment("c_eur", "10.00", "p_789"), "block", json!(["currency_mismatch"])).await;
-    expect(&app, payment_in("c_eur", "10.00", "EUR", "p_789"), "allow", json!([])).await;
-    expect(&app, payment("c_rich", "6000.00", "p_789"), "block", json!(["limit_exceeded"])).await;
-    expect(&app, payment("c_456", "10.00", "p_blocked"), "block", json!(["blocked_payee"])).await;
-    expect(&app, payment("c_nope", "10.00", "p_789"), "block", json!(["unknown_customer"])).await;
+    expect(
+        &app,
+        payment("c_789", "125.50", "p_789"),
+        "block",
+        json!(["insufficient_funds"]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_eur", "10.00", "p_789"),
+        "block",
+        json!(["currency_mismatch"]),
+    )
+    .await;
+    expect(
+        &app,
+        payment_in("c_eur", "10.00", "EUR", "p_789"),
+        "allow",
+        json!([]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_rich", "6000.00", "p_789"),
+        "block",
+        json!(["limit_exceeded"]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_456", "10.00", "p_blocked"),
+        "block",
+        json!(["blocked_payee"]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_nope", "10.00", "p_789"),
+        "block",
+        json!(["unknown_customer"]),
+    )
+    .await;
     // Several rules: block reasons first, then review reasons.
     expect(
         &app,
         payment("c_123", "1500.00", "p_blocked"),
         "block",
-        json!(["insufficient_funds", "blocked_payee", "recent_disputes", "new_device_high_amount", "new_payee_high_amount"]),
+        json!([
+            "insufficient_funds",
+            "blocked_payee",
+            "recent_disputes",
+            "new_device_high_amount",
+            "new_payee_high_amount"
+        ]),
     )
     .await;
     // Other currencies keep their own minor units.
-    expect(&app, payment_in("c_jpy", "1000", "JPY", "p_789"), "allow", json!([])).await;
-    expect(&app, payment_in("c_bhd", "1.234", "BHD", "p_789"), "allow", json!([])).await;
+    expect(
+        &app,
+        payment_in("c_jpy", "1000", "JPY", "p_789"),
+        "allow",
+        json!([]),
+    )
+    .await;
+    expect(
+        &app,
+        payment_in("c_bhd", "1.234", "BHD", "p_789"),
+        "allow",
+        json!([]),
+    )
+    .await;
     app.stop().await;
 }
 
 async fn every_review_reason_of_the_default_policy_fires(backend: Backend) {
     let app = spawn_with(backend, no_rate_limit).await;
-    expect(&app, payment("c_rich", "1500.00", "p_789"), "allow", json!([])).await;
-    expect(&app, payment("c_rich", "1500.00", "p_new"), "review", json!(["new_payee_high_amount"])).await;
-    expect(&app, payment("c_rich", "999.99", "p_new2"), "allow", json!([])).await;
-    expect(&app, payment("c_newdev", "1200.00", "p_789"), "review", json!(["new_device_high_amount"])).await;
-    expect(&app, payment("c_newdev", "999.99", "p_789"), "allow", json!([])).await;
-    expect(&app, payment("c_123", "10.00", "p_789"), "review", json!(["recent_disputes"])).await;
+    expect(
+        &app,
+        payment("c_rich", "1500.00", "p_789"),
+        "allow",
+        json!([]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_rich", "1500.00", "p_new"),
+        "review",
+        json!(["new_payee_high_amount"]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_rich", "999.99", "p_new2"),
+        "allow",
+        json!([]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_newdev", "1200.00", "p_789"),
+        "review",
+        json!(["new_device_high_amount"]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_newdev", "999.99", "p_789"),
+        "allow",
+        json!([]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_123", "10.00", "p_789"),
+        "review",
+        json!(["recent_disputes"]),
+    )
+    .await;
     // A payee paid once (allowed) is known from then on.
-    expect(&app, payment("c_rich", "10.00", "p_fresh"), "allow", json!([])).await;
-    expect(&app, payment("c_rich", "1000.00", "p_fresh"), "allow", json!([])).await;
+    expect(
+        &app,
+        payment("c_rich", "10.00", "p_fresh"),
+        "allow",
+        json!([]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_rich", "1000.00", "p_fresh"),
+        "allow",
+        json!([]),
+    )
+    .await;
     app.stop().await;
 }
 
 async fn the_daily_limit_counts_what_was_reserved_today(backend: Backend) {
     let app = spawn_with(backend, no_rate_limit).await;
-    expect(&app, payment("c_rich", "5000.00", "p_789"), "allow", json!([])).await;
-    expect(&app, payment("c_rich", "5000.00", "p_789"), "allow", json!([])).await;
+    expect(
+        &app,
+        payment("c_rich", "5000.00", "p_789"),
+        "allow",
+        json!([]),
+    )
+    .await;
+    expect(
+        &app,
+        payment("c_rich", "5000.00", "p_789"),
+        "allow",
+        json!([]),
+    )
+    .await;
     let (_, body) = app.decide_json(&payment("c_rich", "0.01", "p_789")).await;
     assert_eq!(body["decision"], "block");
     assert_eq!(body["reasons"], json!(["limit_exceeded"]));
@@ -150,7 +267,10 @@ async fn a_failing_risk_tool_fails_safe_to_review(backend: Backend) {
     assert_eq!(body["decision"], "review", "{body}");
     assert_eq!(body["reasons"], json!(["risk_signals_unavailable"]));
     let trace = steps(&body);
-    let risk = trace.iter().find(|(s, _)| s == "tool:getRiskSignals").unwrap();
+    let risk = trace
+        .iter()
+        .find(|(s, _)| s == "tool:getRiskSignals")
+        .unwrap();
     assert!(risk.1.contains("unavailable after 3 attempts"), "{risk:?}");
     let metrics: Value = app.get("/metrics").await.json().await.unwrap();
     assert_eq!(metrics["tool_failures"]["getRiskSignals"], 1);

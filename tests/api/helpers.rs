@@ -1,6 +1,5 @@
 //! Test harness: a real PayNow server on port 0 with a fresh database per test.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use paynow::Config;
@@ -31,7 +30,9 @@ impl Backend {
                         std::env::var("CI").is_err(),
                         "CI must set PAYNOW_TEST_POSTGRES_URL (see .ci/run)"
                     );
-                    eprintln!("SKIPPED: PAYNOW_TEST_POSTGRES_URL is not set; this PostgreSQL test did not run");
+                    eprintln!(
+                        "SKIPPED: PAYNOW_TEST_POSTGRES_URL is not set; this PostgreSQL test did not run"
+                    );
                 }
                 ok
             }
@@ -56,10 +57,8 @@ async fn postgres_fresh_database() -> String {
 }
 
 pub struct TestApp {
-    pub addr: SocketAddr,
     pub base: String,
     pub client: reqwest::Client,
-    pub database_url: String,
     pub config: Config,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
@@ -92,13 +91,11 @@ pub async fn start(config: Config, dir: std::sync::Arc<tempfile::TempDir>) -> Te
         let _ = rx.await;
     }));
     TestApp {
-        addr,
         base: format!("http://{addr}"),
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .expect("client"),
-        database_url: config.database_url.clone(),
         config,
         shutdown: Some(tx),
         server: Some(server),
@@ -113,7 +110,10 @@ impl TestApp {
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
-            server.await.expect("server task").expect("server exits cleanly");
+            server
+                .await
+                .expect("server task")
+                .expect("server exits cleanly");
         }
     }
 

@@ -28,7 +28,11 @@ async fn the_same_key_and_payload_replays_the_identical_response(backend: Backen
     assert_eq!(second.status(), 200);
     assert_eq!(second.headers()["idempotent-replayed"], "true");
     assert_eq!(second.headers()["x-request-id"], first_id);
-    assert_eq!(second.bytes().await.unwrap(), first, "byte-identical replay");
+    assert_eq!(
+        second.bytes().await.unwrap(),
+        first,
+        "byte-identical replay"
+    );
     // Only one reservation was made: 400.00 is still available.
     let (_, body) = app.decide_json(&payment("c_456", "400.00", "p_789")).await;
     assert_eq!(body["decision"], "allow", "{body}");

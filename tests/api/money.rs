@@ -25,12 +25,22 @@ async fn concurrent_payments_never_reserve_more_than_the_balance(backend: Backen
     // A block whose tools still saw the funds lost the race at commit, and says so.
     for b in answers.iter().filter(|b| b["decision"] == "block") {
         let trace = b["agentTrace"].as_array().unwrap();
-        let seen = trace[1]["data"]["available"].as_str().unwrap().replace('.', "");
+        let seen = trace[1]["data"]["available"]
+            .as_str()
+            .unwrap()
+            .replace('.', "");
         let seen_minor: i64 = seen.parse().unwrap();
         let commit = trace.iter().find(|s| s["step"] == "commit");
         if seen_minor >= 10_000 {
-            let commit = commit.unwrap_or_else(|| panic!("race lost at commit without a trace step: {b}"));
-            assert!(commit["detail"].as_str().unwrap().contains("concurrent payment"), "{b}");
+            let commit =
+                commit.unwrap_or_else(|| panic!("race lost at commit without a trace step: {b}"));
+            assert!(
+                commit["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("concurrent payment"),
+                "{b}"
+            );
         } else {
             assert!(commit.is_none(), "{b}");
         }

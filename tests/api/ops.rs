@@ -20,9 +20,13 @@ async fn health_needs_no_key_and_readiness_follows_the_store(backend: Backend) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(paynow::startup::serve_state(state.clone(), listener, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(paynow::startup::serve_state(
+        state.clone(),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let client = reqwest::Client::new();
     let health = client.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
@@ -50,7 +54,10 @@ async fn health_needs_no_key_and_readiness_follows_the_store(backend: Backend) {
     assert_eq!(res.status(), 503);
     let problem: Value = res.json().await.unwrap();
     assert_eq!(problem["code"], "storage_unavailable");
-    assert!(!problem["detail"].as_str().unwrap().contains("closed"), "5xx bodies are opaque");
+    assert!(
+        !problem["detail"].as_str().unwrap().contains("closed"),
+        "5xx bodies are opaque"
+    );
     let _ = stop.send(());
     let _ = server.await;
 }
@@ -68,7 +75,9 @@ async fn metrics_count_requests_decisions_and_latency(backend: Backend) {
     assert_eq!(m["reasons"]["recent_disputes"], 1);
     assert!(m["p95_latency_ms"].as_f64().unwrap() > 0.0);
     let text = app.get("/metrics/prometheus").await.text().await.unwrap();
-    assert!(text.contains("paynow_http_request_duration_seconds_bucket{route=\"/payments/decide\""));
+    assert!(
+        text.contains("paynow_http_request_duration_seconds_bucket{route=\"/payments/decide\"")
+    );
     assert!(text.contains("paynow_decisions_total{decision=\"allow\"} 1"));
     assert!(text.contains("paynow_http_requests_total{route=\"/metrics\",status=\"200\"} 1"));
     app.stop().await;
@@ -77,7 +86,10 @@ async fn metrics_count_requests_decisions_and_latency(backend: Backend) {
 async fn the_shipped_eval_cases_all_pass_against_a_fresh_server(backend: Backend) {
     let app = spawn_app(backend).await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_paynow"))
-        .args(["eval", concat!(env!("CARGO_MANIFEST_DIR"), "/eval_cases.json")])
+        .args([
+            "eval",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/eval_cases.json"),
+        ])
         .args(["--base", &app.base, "--api-key", API_KEY])
         .output()
         .await
@@ -90,7 +102,10 @@ async fn the_shipped_eval_cases_all_pass_against_a_fresh_server(backend: Backend
     )))
     .unwrap();
     assert!(cases.len() >= 12);
-    assert!(stdout.contains(&format!("✅ {n}/{n} correct", n = cases.len())), "{stdout}");
+    assert!(
+        stdout.contains(&format!("✅ {n}/{n} correct", n = cases.len())),
+        "{stdout}"
+    );
     // Every reason of the default policy a live server can give is covered.
     let covered: BTreeSet<&str> = cases
         .iter()
@@ -98,7 +113,11 @@ async fn the_shipped_eval_cases_all_pass_against_a_fresh_server(backend: Backend
         .collect();
     for reason in paynow::domain::Reason::ALL {
         let needs_fault = reason.as_str().ends_with("_unavailable");
-        assert!(needs_fault || covered.contains(reason.as_str()), "no eval case for {}", reason.as_str());
+        assert!(
+            needs_fault || covered.contains(reason.as_str()),
+            "no eval case for {}",
+            reason.as_str()
+        );
     }
     // A wrong expectation fails with exit 1 and the ❌ summary.
     let bad = app.dir.path().join("bad.json");
@@ -127,19 +146,32 @@ async fn every_routed_path_is_in_the_openapi_document() {
     let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     let documented: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
-    let routed: BTreeSet<String> = paynow::http::ROUTES.iter().map(|(_, p)| p.to_string()).collect();
+    let routed: BTreeSet<String> = paynow::http::ROUTES
+        .iter()
+        .map(|(_, p)| p.to_string())
+        .collect();
     assert_eq!(documented, routed);
     // Each documented operation answers (not 404/405) on the live server.
     for (method, path) in paynow::http::ROUTES {
         let op = &doc["paths"][path][method.to_lowercase()];
         assert!(op.is_object(), "{method} {path} is not documented");
-        let req = app.client.request(method.parse().unwrap(), app.url(path)).header("X-API-Key", API_KEY);
+        let req = app
+            .client
+            .request(method.parse().unwrap(), app.url(path))
+            .header("X-API-Key", API_KEY);
         let status = req.send().await.unwrap().status().as_u16();
-        assert!(status != 404 && status != 405, "{method} {path} answered {status}");
+        assert!(
+            status != 404 && status != 405,
+            "{method} {path} answered {status}"
+        );
     }
     // Error responses are documented for the decision endpoint.
-    let responses = doc["paths"]["/payments/decide"]["post"]["responses"].as_object().unwrap();
-    for code in ["200", "400", "401", "409", "413", "415", "422", "429", "503"] {
+    let responses = doc["paths"]["/payments/decide"]["post"]["responses"]
+        .as_object()
+        .unwrap();
+    for code in [
+        "200", "400", "401", "409", "413", "415", "422", "429", "503",
+    ] {
         assert!(responses.contains_key(code), "decide lacks {code}");
     }
     for schema in ["DecideRequest", "DecideResponse", "Problem"] {

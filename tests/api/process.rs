@@ -47,7 +47,10 @@ async fn start_binary(database_url: &str, extra_env: &[(&str, &str)], stdout: St
         {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "server did not become ready");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "server did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Server { child, base }
@@ -96,13 +99,22 @@ async fn every_answered_decision_survives_kill_9(backend: Backend) {
     for (body, answer) in &answers {
         let res = decide(&client, &server.base, body).await;
         assert_eq!(res.status(), 200);
-        assert_eq!(res.headers()["idempotent-replayed"], "true", "answer lost: {body}");
-        assert_eq!(&res.bytes().await.unwrap(), answer, "replay differs: {body}");
+        assert_eq!(
+            res.headers()["idempotent-replayed"],
+            "true",
+            "answer lost: {body}"
+        );
+        assert_eq!(
+            &res.bytes().await.unwrap(),
+            answer,
+            "replay differs: {body}"
+        );
     }
     let allowed_456 = answers
         .iter()
         .filter(|(b, a)| {
-            b["customerId"] == "c_456" && serde_json::from_slice::<Value>(a).unwrap()["decision"] == "allow"
+            b["customerId"] == "c_456"
+                && serde_json::from_slice::<Value>(a).unwrap()["decision"] == "allow"
         })
         .count();
     assert_eq!(allowed_456, 10);
@@ -120,12 +132,21 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let database_url = format!("sqlite://{}", dir.path().join("p.db").display());
     // Slow tools keep a request in flight while the signal arrives.
-    let server = start_binary(&database_url, &[("PAYNOW_FAULTS", "getBalance=slow:200")], Stdio::null()).await;
+    let server = start_binary(
+        &database_url,
+        &[("PAYNOW_FAULTS", "getBalance=slow:200")],
+        Stdio::null(),
+    )
+    .await;
     let client = reqwest::Client::new();
     let in_flight = {
         let client = client.clone();
         let base = server.base.clone();
-        tokio::spawn(async move { decide(&client, &base, &payment("c_456", "10.00", "p_789")).await.status() })
+        tokio::spawn(async move {
+            decide(&client, &base, &payment("c_456", "10.00", "p_789"))
+                .await
+                .status()
+        })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     let status = Command::new("kill")
@@ -133,9 +154,16 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
         .status()
         .unwrap();
     assert!(status.success());
-    assert_eq!(in_flight.await.unwrap(), 200, "the in-flight request was finished");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the in-flight request was finished"
+    );
     let mut child = server.child;
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
 
@@ -161,7 +189,10 @@ async fn logs_are_json_lines_without_ids_or_secrets() {
         .unwrap();
     assert_eq!(res.status(), 401);
     let mut child = server.child;
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let output = tokio::task::spawn_blocking(move || {
         child.wait().unwrap();
         let mut out = String::new();
@@ -175,18 +206,40 @@ async fn logs_are_json_lines_without_ids_or_secrets() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
         .collect();
-    let requests: Vec<&Value> = lines.iter().filter(|l| l["event"] == "http.request").collect();
+    let requests: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "http.request")
+        .collect();
     assert_eq!(requests.len(), 5, "readyz + 3 decisions + 1 refused");
     for r in &requests {
         for field in ["requestId", "method", "path", "status", "latency_ms"] {
             assert!(r.get(field).is_some(), "{field} missing in {r}");
         }
     }
-    assert!(requests.iter().any(|r| r["path"] == "/payments/decide" && r["status"] == 401));
-    let decided: Vec<&Value> = lines.iter().filter(|l| l["event"] == "payment.decided").collect();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["path"] == "/payments/decide" && r["status"] == 401)
+    );
+    let decided: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "payment.decided")
+        .collect();
     assert_eq!(decided.len(), 3);
-    assert!(decided.iter().any(|d| d["customerId"] == "c_***23" && d["decision"] == "review"));
-    for secret in [API_KEY, "not-the-key-42", "c_123", "c_456", "c_nope", "p_789", "p_blocked"] {
+    assert!(
+        decided
+            .iter()
+            .any(|d| d["customerId"] == "c_***23" && d["decision"] == "review")
+    );
+    for secret in [
+        API_KEY,
+        "not-the-key-42",
+        "c_123",
+        "c_456",
+        "c_nope",
+        "p_789",
+        "p_blocked",
+    ] {
         assert!(!output.contains(secret), "{secret:?} appears in the logs");
     }
 }

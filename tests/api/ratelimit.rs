@@ -14,14 +14,23 @@ async fn six_rapid_calls_for_one_customer_meet_the_limit(backend: Backend) {
         }
     }
     let res = limited.expect("at least one of 6 rapid calls is limited (5 rps, burst 5)");
-    let retry: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
     assert_eq!(res.headers()["ratelimit-limit"], "5");
     assert_eq!(res.headers()["ratelimit-remaining"], "0");
     let problem: serde_json::Value = res.json().await.unwrap();
     assert_eq!(problem["code"], "rate_limited");
     // Another customer is not affected.
-    assert_eq!(app.decide(&payment("c_456", "1.00", "p_789")).await.status(), 200);
+    assert_eq!(
+        app.decide(&payment("c_456", "1.00", "p_789"))
+            .await
+            .status(),
+        200
+    );
     let metrics: serde_json::Value = app.get("/metrics").await.json().await.unwrap();
     assert!(metrics["rate_limited"].as_u64().unwrap() >= 1);
     app.stop().await;

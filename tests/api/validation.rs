@@ -81,7 +81,11 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing(backend: Backend) {
             .await
             .unwrap();
         assert_eq!(res.status().as_u16(), *status, "{body}");
-        assert_eq!(res.headers()["content-type"], "application/problem+json", "{body}");
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "{body}"
+        );
         let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
         let problem: Value = res.json().await.unwrap();
         assert_eq!(problem["code"], *code, "{body}: {problem}");
@@ -95,7 +99,10 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing(backend: Backend) {
                 .iter()
                 .map(|e| e["field"].as_str().unwrap())
                 .collect();
-            assert!(fields.contains(field), "{body}: expected {field} in {fields:?}");
+            assert!(
+                fields.contains(field),
+                "{body}: expected {field} in {fields:?}"
+            );
         }
     }
 
@@ -124,9 +131,19 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing(backend: Backend) {
     let problem: Value = res.json().await.unwrap();
     assert_eq!(problem["code"], "payload_too_large");
     // Wrong method, unknown path.
-    let res = send(app.client.get(app.url("/payments/decide")).header("X-API-Key", API_KEY)).await;
+    let res = send(
+        app.client
+            .get(app.url("/payments/decide"))
+            .header("X-API-Key", API_KEY),
+    )
+    .await;
     assert_eq!(res.status(), 405);
-    let res = send(app.client.get(app.url("/nope")).header("X-API-Key", API_KEY)).await;
+    let res = send(
+        app.client
+            .get(app.url("/nope"))
+            .header("X-API-Key", API_KEY),
+    )
+    .await;
     assert_eq!(res.status(), 404);
     // No key, wrong key.
     let res = send(app.client.post(app.url("/payments/decide")).json(&base())).await;
