@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, ServeArgs};
 
 #[derive(Parser, Debug)]
-#[command(name = "paynow", version, about = "Payment decisions: allow, review or block")]
+#[command(
+    name = "paynow",
+    version,
+    about = "Payment decisions: allow, review or block"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -30,9 +34,16 @@ pub enum Command {
         #[arg(long, env = "API_KEY", hide_env_values = true)]
         api_key: String,
     },
+    /// Benchmark decisions against a freshly started server (see the README's Performance).
+    Bench(crate::bench::BenchArgs),
     /// Create or upgrade the database schema, then exit.
     Migrate {
-        #[arg(long, env = "DATABASE_URL", default_value = "sqlite://paynow.db", hide_env_values = true)]
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "sqlite://paynow.db",
+            hide_env_values = true
+        )]
         database_url: String,
     },
 }
@@ -40,7 +51,10 @@ pub enum Command {
 /// Runs the command line; returns the process exit code.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("paynow: cannot start the async runtime: {e}");
@@ -51,9 +65,14 @@ pub fn run() -> ExitCode {
         match cli.command {
             None => serve(cli.serve).await,
             Some(Command::Serve(args)) => serve(args).await,
-            Some(Command::Eval { cases, base, api_key }) => {
+            Some(Command::Eval {
+                cases,
+                base,
+                api_key,
+            }) => {
                 return crate::eval::run(&cases, &base, &api_key).await;
             }
+            Some(Command::Bench(args)) => crate::bench::run(args).await,
             Some(Command::Migrate { database_url }) => {
                 let store = crate::store::open(&database_url).await?;
                 store.close().await;

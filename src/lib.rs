@@ -11,8 +11,10 @@
 //! * [`policy`], [`fixtures`] — the thresholds and the demo customers, from files.
 //! * [`config`], [`telemetry`], [`metrics`], [`openapi`], [`startup`] — running it.
 //! * [`eval`] — the `paynow eval` client that checks decisions against `eval_cases.json`.
+//! * [`bench`] — `paynow bench`, the load benchmark of the decision path.
 
 pub mod agent;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -1,0 +1,1005 @@
+//! `paynow bench`: the benchmark quoted in the README's Performance section.
+//!
+//! One command, nothing to set up: it starts PayNow as a child process (this same binary,
+//! `serve`) on a free loopback port with a fresh store in a temporary folder, seeded with
+//! synthetic customers (large balances, clean risk, a known payee) and a rate limit that
+//! never binds. Then it drives `POST /payments/decide` with K keep-alive connections for D
+//! seconds, each request with a fresh idempotency key, then `GET /healthz` of the same server
+//! the same way (the ceiling of the HTTP stack), prints a table and, last, one line for
+//! scripts:
+//!
+//! `BENCH store=sqlite decide_rps=… healthz_rps=… ratio=… p50_ms=… p99_ms=… errors=… rss_mb=…`
+//!
+//! # What the spawned server gets, and why
+//! * its own API key, bind address, `DATABASE_URL`, `PAYNOW_FIXTURES` and `PAYNOW_POLICY`;
+//! * `PAYNOW_RATE_LIMIT_RPS`/`_BURST` of one million: the limiter runs (its cost is part of
+//!   every decision) but never refuses;
+//! * a policy equal to the shipped one except for the velocity rule and the daily limit,
+//!   which would otherwise send the same customers to review or block after a few payments;
+//! * nothing else: every other `PAYNOW_*`, `API_KEYS`, `REDIS_URL` and `RUST_LOG` is removed
+//!   from its environment, so it runs the defaults (JSON logs at `info`, `synchronous=FULL`).
+//!   Its logs go to a file in the temporary folder, as they would go to a file or a pipe in
+//!   production.
+//!
+//! # The load generator
+//! One tokio task per connection, each a hyper HTTP/1.1 client connection with one request
+//! in flight (closed loop). Latency is measured from sending to the last byte of the body.
+//! Requests started during the warm-up are not counted. Every loop is bounded by the
+//! duration and the whole benchmark targets loopback addresses only.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// The payee every synthetic customer has paid before.
+const KNOWN_PAYEE: &str = "p_bench";
+/// Each synthetic account holds this much, so no benchmark can exhaust it.
+const BENCH_BALANCE: &str = "100000000.00";
+/// How long the server may take to become ready before the benchmark gives up.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a SIGTERM'd server may take to finish in-flight requests and close its store.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mix {
+    /// Every payment is allowed (a reservation per decision).
+    Allow,
+    /// 75% allow, 10% review (new payee, high amount), 10% block (blocked payee), 5% replays.
+    Realistic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchStore {
+    Sqlite,
+    Postgres,
+}
+
+impl BenchStore {
+    fn name(self) -> &'static str {
+        match self {
+            BenchStore::Sqlite => "sqlite",
+            BenchStore::Postgres => "postgres",
+        }
+    }
+}
+
+/// `paynow bench` flags.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Keep-alive connections, each with one request in flight.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Measured seconds per endpoint.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Seconds of load before measuring, per endpoint (connections open, caches warm).
+    #[arg(long, default_value_t = 1)]
+    pub warmup_secs: u64,
+    /// Synthetic customers seeded into the fresh store.
+    #[arg(long, default_value_t = 10_000)]
+    pub customers: usize,
+    /// Which decisions the load asks for.
+    #[arg(long, value_enum, default_value = "allow")]
+    pub mix: Mix,
+    /// Storage engine of the spawned server.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    pub store: BenchStore,
+    /// With `--store postgres`: a PostgreSQL server URL; a fresh database is created there.
+    #[arg(long, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Give the spawned server this `REDIS_URL` (global rate limit through Redis).
+    #[arg(long, hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Target a server that is already running (loopback only) instead of spawning one. It
+    /// must know the bench customers: see `--write-setup`.
+    #[arg(long)]
+    pub base: Option<String>,
+    /// API key of the server given by `--base`.
+    #[arg(long, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Write the bench customers and policy to this folder, print how to start a server with
+    /// them, and exit.
+    #[arg(long)]
+    pub write_setup: Option<PathBuf>,
+    /// Keep the temporary folder (store and server log) and print where it is.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.connections == 0 || args.connections > 4096 {
+        bail!("--connections must be 1..=4096");
+    }
+    if args.duration_secs == 0 || args.duration_secs > 3600 {
+        bail!("--duration-secs must be 1..=3600");
+    }
+    if args.warmup_secs > 600 {
+        bail!("--warmup-secs must be at most 600");
+    }
+    if args.customers == 0 || args.customers > 1_000_000 {
+        bail!("--customers must be 1..=1000000");
+    }
+    if let Some(dir) = &args.write_setup {
+        return write_setup(dir, args.customers);
+    }
+
+    let mut server = None;
+    let (addr, api_key) = match &args.base {
+        Some(base) => {
+            let key = args
+                .api_key
+                .clone()
+                .context("--base needs --api-key (the running server's key)")?;
+            (loopback_addr(base).await?, key)
+        }
+        None => {
+            let s = Server::start(&args).await?;
+            let target = (s.addr, s.api_key.clone());
+            server = Some(s);
+            target
+        }
+    };
+    let result = measure(&args, addr, &api_key, server.as_mut()).await;
+    if let Some(s) = server {
+        let stopped = s.finish(result.is_ok() && args.keep).await;
+        let mut report = result?;
+        report.server = Some(stopped?);
+        print_report(&args, &report);
+        Ok(())
+    } else {
+        let report = result?;
+        print_report(&args, &report);
+        Ok(())
+    }
+}
+
+struct Report {
+    decide: PhaseStats,
+    healthz: PhaseStats,
+    decide_rss_kib: Option<u64>,
+    healthz_rss_kib: Option<u64>,
+    server: Option<Stopped>,
+    first_ready: Option<(Duration, &'static str)>,
+}
+
+async fn measure(
+    args: &BenchArgs,
+    addr: SocketAddr,
+    api_key: &str,
+    server: Option<&mut Server>,
+) -> anyhow::Result<Report> {
+    let pid = server.as_ref().map(|s| s.pid);
+    let first_ready = server.as_ref().map(|s| (s.ready_in, s.ready_kind));
+    if let Some(s) = &server {
+        println!(
+            "server pid {} on {} ready in {:.0} ms ({})",
+            s.pid,
+            s.addr,
+            ms(s.ready_in),
+            s.ready_kind
+        );
+    }
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let decide = Arc::new(Workload::Decide {
+        host: host_header(addr)?,
+        api_key: HeaderValue::from_str(api_key)
+            .context("the API key is not a valid header value")?,
+        run_id: run_id[..8].to_owned(),
+        customers: args.customers,
+        mix: args.mix,
+    });
+    println!(
+        "driving POST /payments/decide: {} connections, {} s warm-up + {} s, mix {:?}",
+        args.connections, args.warmup_secs, args.duration_secs, args.mix
+    );
+    let (decide, decide_rss_kib) = run_phase(args, addr, decide, pid).await?;
+    let healthz = Arc::new(Workload::Healthz {
+        host: host_header(addr)?,
+    });
+    println!("driving GET /healthz the same way");
+    let (healthz, healthz_rss_kib) = run_phase(args, addr, healthz, pid).await?;
+    Ok(Report {
+        decide,
+        healthz,
+        decide_rss_kib,
+        healthz_rss_kib,
+        server: None,
+        first_ready,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The spawned server
+
+struct Server {
+    child: tokio::process::Child,
+    pid: u32,
+    addr: SocketAddr,
+    api_key: String,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+    ready_in: Duration,
+    ready_kind: &'static str,
+}
+
+/// What the server's end told: how it exited and how fast it restarted.
+struct Stopped {
+    exit: String,
+    peak_rss_kib: Option<u64>,
+    restart_ready: Option<Duration>,
+    kept: Option<PathBuf>,
+}
+
+/// A port the kernel just handed out on loopback. Another process could take it before the
+/// server binds it; the server then fails to start with a clear message and the run stops.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("cannot bind loopback")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Environment variables the spawned server must not inherit from the caller's shell.
+fn inherited_setting(name: &str) -> bool {
+    name.starts_with("PAYNOW_")
+        || matches!(
+            name,
+            "API_KEY" | "API_KEYS" | "DATABASE_URL" | "REDIS_URL" | "RUST_LOG"
+        )
+}
+
+impl Server {
+    async fn start(args: &BenchArgs) -> anyhow::Result<Server> {
+        let dir = tempfile::Builder::new()
+            .prefix("paynow-bench-")
+            .tempdir()
+            .context("cannot create a temporary folder")?;
+        let (fixtures, policy) = write_files(dir.path(), args.customers)?;
+        let database_url = match args.store {
+            BenchStore::Sqlite => format!("sqlite://{}", dir.path().join("bench.db").display()),
+            BenchStore::Postgres => {
+                let base = args
+                    .database_url
+                    .as_deref()
+                    .context("--store postgres needs --database-url postgres://…")?;
+                crate::store::postgres_test_database(base)
+                    .await
+                    .context("cannot create a fresh PostgreSQL database for the benchmark")?
+            }
+        };
+        let port = free_port()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let api_key = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let mut env = vec![
+            ("API_KEY".to_owned(), api_key.clone()),
+            ("PAYNOW_BIND".to_owned(), addr.to_string()),
+            ("DATABASE_URL".to_owned(), database_url),
+            ("PAYNOW_FIXTURES".to_owned(), fixtures.display().to_string()),
+            ("PAYNOW_POLICY".to_owned(), policy.display().to_string()),
+            ("PAYNOW_RATE_LIMIT_RPS".to_owned(), "1000000".to_owned()),
+            ("PAYNOW_RATE_LIMIT_BURST".to_owned(), "1000000".to_owned()),
+            ("PAYNOW_LOG_FORMAT".to_owned(), "json".to_owned()),
+        ];
+        if let Some(redis) = &args.redis_url {
+            env.push(("REDIS_URL".to_owned(), redis.clone()));
+        }
+        let log = dir.path().join("server.log");
+        let (child, ready_in) = spawn_ready(&env, &log, addr).await?;
+        let pid = child.id().context("the server exited at once")?;
+        Ok(Server {
+            child,
+            pid,
+            addr,
+            api_key,
+            env,
+            log,
+            dir,
+            ready_in,
+            ready_kind: "fresh store, customers seeded",
+        })
+    }
+
+    /// Stops the server (SIGTERM, as an operator would), then starts it again on the store it
+    /// left, to time a start on an existing store, and stops it again.
+    async fn finish(mut self, keep: bool) -> anyhow::Result<Stopped> {
+        let peak_rss_kib = proc_status_kib(self.pid, "VmHWM:");
+        let exit = terminate(&mut self.child, self.pid).await?;
+        let restart_ready = match spawn_ready(&self.env, &self.log, self.addr).await {
+            Ok((mut child, ready)) => {
+                if let Some(pid) = child.id() {
+                    terminate(&mut child, pid).await?;
+                }
+                Some(ready)
+            }
+            Err(e) => {
+                eprintln!("bench: the restart on the existing store failed: {e:#}");
+                None
+            }
+        };
+        let kept = keep.then(|| self.dir.keep());
+        Ok(Stopped {
+            exit,
+            peak_rss_kib,
+            restart_ready,
+            kept,
+        })
+    }
+}
+
+/// Starts `paynow serve` with `env` and waits until `/readyz` answers 200.
+async fn spawn_ready(
+    env: &[(String, String)],
+    log: &Path,
+    addr: SocketAddr,
+) -> anyhow::Result<(tokio::process::Child, Duration)> {
+    let exe = std::env::current_exe().context("cannot find the paynow binary")?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        // If the benchmark fails half-way, the server must not outlive it.
+        .kill_on_drop(true);
+    for (name, _) in std::env::vars_os() {
+        if let Some(name) = name.to_str().filter(|n| inherited_setting(n)) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("cannot start the server")?;
+    let host = host_header(addr)?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the server exited during start-up ({status}); its log ends with:\n{}",
+                log_tail(log)
+            );
+        }
+        if ready(addr, &host).await {
+            return Ok((child, started.elapsed()));
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            bail!(
+                "the server was not ready after {} s; its log ends with:\n{}",
+                READY_TIMEOUT.as_secs(),
+                log_tail(log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn ready(addr: SocketAddr, host: &HeaderValue) -> bool {
+    let Ok(mut sender) = connect(addr).await else {
+        return false;
+    };
+    let Ok(req) = Request::get("/readyz")
+        .header(HOST, host.clone())
+        .body(Full::new(Bytes::new()))
+    else {
+        return false;
+    };
+    matches!(sender.send_request(req).await, Ok(res) if res.status().is_success())
+}
+
+/// SIGTERM, then wait for a graceful exit; SIGKILL if it takes too long.
+async fn terminate(child: &mut tokio::process::Child, pid: u32) -> anyhow::Result<String> {
+    // std has no signal API; `kill(1)` is on every Linux and keeps this crate free of libc.
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    if !matches!(sent, Ok(s) if s.success()) {
+        child.kill().await?;
+        return Ok("killed (SIGTERM could not be sent)".into());
+    }
+    match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+        Ok(status) => Ok(status?.to_string()),
+        Err(_) => {
+            child.kill().await?;
+            Ok(format!(
+                "killed after {} s without exiting",
+                STOP_TIMEOUT.as_secs()
+            ))
+        }
+    }
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`); Linux only.
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// Set-up files
+
+fn customer_id(i: usize) -> String {
+    format!("bench_{i:07}")
+}
+
+/// The synthetic customers: large balances, clean risk, one known payee.
+fn customers_json(count: usize) -> String {
+    let mut out = String::with_capacity(count * 170 + 32);
+    out.push_str("{\"customers\":[\n");
+    for i in 0..count {
+        let sep = if i + 1 < count { "," } else { "" };
+        let _ = writeln!(
+            out,
+            "{{\"customerId\":\"{}\",\"currency\":\"USD\",\"balance\":\"{BENCH_BALANCE}\",\"recentDisputes\":0,\"deviceChange\":false,\"homeCountry\":\"US\",\"knownPayees\":[\"{KNOWN_PAYEE}\"]}}{sep}",
+            customer_id(i)
+        );
+    }
+    out.push_str("]}\n");
+    out
+}
+
+/// The shipped policy with the velocity rule and the daily limit out of reach: a benchmark
+/// sends hundreds of payments per customer within minutes, which those rules exist to stop.
+fn bench_policy() -> anyhow::Result<String> {
+    let mut policy: toml::Table = toml::from_str(crate::policy::DEFAULT_POLICY)
+        .context("the shipped policy does not parse")?;
+    policy.insert(
+        "daily_limit".into(),
+        toml::Value::String("1000000000.00".into()),
+    );
+    let velocity = policy
+        .get_mut("velocity")
+        .and_then(toml::Value::as_table_mut)
+        .context("the shipped policy has no [velocity] table")?;
+    velocity.insert("max_payments".into(), toml::Value::Integer(1_000_000_000));
+    let text = toml::to_string(&policy)?;
+    Ok(format!(
+        "# Written by `paynow bench`: the default policy with velocity and the daily limit out of reach.\n{text}"
+    ))
+}
+
+fn write_files(dir: &Path, customers: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let fixtures = dir.join("bench-customers.json");
+    let policy = dir.join("bench-policy.toml");
+    std::fs::write(&fixtures, customers_json(customers))
+        .with_context(|| format!("cannot write {}", fixtures.display()))?;
+    std::fs::write(&policy, bench_policy()?)
+        .with_context(|| format!("cannot write {}", policy.display()))?;
+    Ok((fixtures, policy))
+}
+
+fn write_setup(dir: &Path, customers: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (fixtures, policy) = write_files(dir, customers)?;
+    println!("Start a server on an empty store with the bench customers, e.g.:");
+    println!(
+        "  API_KEY=bench-key-123 PAYNOW_FIXTURES={} PAYNOW_POLICY={} \\\n  PAYNOW_RATE_LIMIT_RPS=1000000 PAYNOW_RATE_LIMIT_BURST=1000000 \\\n  DATABASE_URL=sqlite://bench.db paynow serve",
+        fixtures.display(),
+        policy.display()
+    );
+    println!(
+        "then: paynow bench --base http://127.0.0.1:8000 --api-key bench-key-123 --customers {customers}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The load
+
+/// `http://127.0.0.1:8000` → its socket address, refusing anything not on loopback.
+async fn loopback_addr(base: &str) -> anyhow::Result<SocketAddr> {
+    let rest = base
+        .strip_prefix("http://")
+        .context("--base must be an http:// URL (the benchmark speaks plain HTTP/1.1)")?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&authority)
+        .await
+        .with_context(|| format!("cannot resolve {authority}"))?
+        .collect();
+    let addr = addrs
+        .first()
+        .copied()
+        .context("--base resolves to no address")?;
+    if !addrs.iter().all(|a| is_loopback(a.ip())) {
+        bail!(
+            "--base must be a loopback address (127.0.0.0/8 or ::1): the benchmark never loads another host"
+        );
+    }
+    Ok(addr)
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+fn host_header(addr: SocketAddr) -> anyhow::Result<HeaderValue> {
+    Ok(HeaderValue::from_str(&addr.to_string())?)
+}
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    if !is_loopback(addr.ip()) {
+        bail!("refusing to connect to {addr}: not a loopback address");
+    }
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+enum Workload {
+    Decide {
+        host: HeaderValue,
+        api_key: HeaderValue,
+        run_id: String,
+        customers: usize,
+        mix: Mix,
+    },
+    Healthz {
+        host: HeaderValue,
+    },
+}
+
+/// What one worker remembers between requests.
+struct WorkerState {
+    id: usize,
+    seq: u64,
+    rng: u64,
+    /// The last decide body sent, replayed by the realistic mix.
+    last_body: Option<Bytes>,
+}
+
+impl WorkerState {
+    /// xorshift64: reproducible per worker, and far cheaper than the requests it shapes.
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+}
+
+impl Workload {
+    fn request(&self, w: &mut WorkerState) -> anyhow::Result<Request<Full<Bytes>>> {
+        w.seq += 1;
+        match self {
+            Workload::Healthz { host } => Ok(Request::get("/healthz")
+                .header(HOST, host.clone())
+                .body(Full::new(Bytes::new()))?),
+            Workload::Decide {
+                host,
+                api_key,
+                run_id,
+                customers,
+                mix,
+            } => {
+                let roll = match mix {
+                    Mix::Allow => 99,
+                    Mix::Realistic => w.next_random() % 100,
+                };
+                let body = match (roll, &w.last_body) {
+                    (0..5, Some(last)) => last.clone(),
+                    _ => {
+                        // Workers start spread over the customers and walk them in turn.
+                        let customer = (w.id * 7919 + w.seq as usize) % customers;
+                        let (amount, payee) = match roll {
+                            0..15 => ("25.00", "p_blocked".to_owned()),
+                            15..25 => ("1500.00", format!("p_new_{}_{}", w.id, w.seq)),
+                            _ => ("12.34", KNOWN_PAYEE.to_owned()),
+                        };
+                        let body = Bytes::from(format!(
+                            "{{\"customerId\":\"{}\",\"amount\":{amount},\"currency\":\"USD\",\"payeeId\":\"{payee}\",\"idempotencyKey\":\"bench-{run_id}-{}-{}\"}}",
+                            customer_id(customer),
+                            w.id,
+                            w.seq
+                        ));
+                        w.last_body = Some(body.clone());
+                        body
+                    }
+                };
+                Ok(Request::builder()
+                    .method(Method::POST)
+                    .uri("/payments/decide")
+                    .header(HOST, host.clone())
+                    .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                    .header("x-api-key", api_key.clone())
+                    .body(Full::new(body))?)
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Workload::Decide { .. } => "POST /payments/decide",
+            Workload::Healthz { .. } => "GET /healthz",
+        }
+    }
+}
+
+/// What a phase measured.
+#[derive(Default)]
+struct PhaseStats {
+    name: &'static str,
+    elapsed: Duration,
+    /// Latency of each measured request, in microseconds.
+    latencies_us: Vec<u32>,
+    by_status: BTreeMap<u16, u64>,
+    /// Requests that got no HTTP answer (connection refused, reset, closed).
+    transport_errors: u64,
+    /// Decide answers by decision (`allow`, …, `replayed`, `other`).
+    outcomes: BTreeMap<&'static str, u64>,
+}
+
+impl PhaseStats {
+    fn merge(&mut self, other: PhaseStats) {
+        self.latencies_us.extend(other.latencies_us);
+        for (status, n) in other.by_status {
+            *self.by_status.entry(status).or_default() += n;
+        }
+        for (outcome, n) in other.outcomes {
+            *self.outcomes.entry(outcome).or_default() += n;
+        }
+        self.transport_errors += other.transport_errors;
+    }
+
+    fn requests(&self) -> u64 {
+        self.latencies_us.len() as u64 + self.transport_errors
+    }
+
+    fn errors(&self) -> u64 {
+        let http: u64 = self
+            .by_status
+            .iter()
+            .filter(|(s, _)| !(200..300).contains(*s))
+            .map(|(_, n)| n)
+            .sum();
+        http + self.transport_errors
+    }
+
+    /// Successful (2xx) answers per second.
+    fn rps(&self) -> f64 {
+        let ok: u64 = self
+            .by_status
+            .iter()
+            .filter(|(s, _)| (200..300).contains(*s))
+            .map(|(_, n)| n)
+            .sum();
+        ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The `q` quantile in milliseconds (`latencies_us` must be sorted).
+    fn quantile_ms(&self, q: f64) -> f64 {
+        quantile_ms(&self.latencies_us, q)
+    }
+}
+
+/// Nearest-rank quantile of sorted microsecond samples, in milliseconds.
+fn quantile_ms(sorted_us: &[u32], q: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted_us.len() as f64).ceil() as usize).clamp(1, sorted_us.len());
+    f64::from(sorted_us[rank - 1]) / 1000.0
+}
+
+fn outcome_of(body: &[u8], replayed: bool) -> &'static str {
+    if replayed {
+        return "replayed";
+    }
+    // The response starts with the decision (see `DecideResponse`): no need to parse it all.
+    for decision in ["allow", "review", "block"] {
+        let prefix = format!("{{\"decision\":\"{decision}\"");
+        if body.starts_with(prefix.as_bytes()) {
+            return decision;
+        }
+    }
+    "other"
+}
+
+async fn worker(
+    addr: SocketAddr,
+    load: Arc<Workload>,
+    id: usize,
+    measure_from: Instant,
+    stop_at: Instant,
+) -> PhaseStats {
+    let mut stats = PhaseStats::default();
+    let mut state = WorkerState {
+        id,
+        seq: 0,
+        rng: 0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9),
+        last_body: None,
+    };
+    let is_decide = matches!(*load, Workload::Decide { .. });
+    let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+    while Instant::now() < stop_at {
+        let conn = match &mut sender {
+            Some(conn) => conn,
+            None => match connect(addr).await {
+                Ok(conn) => sender.insert(conn),
+                Err(_) => {
+                    if Instant::now() >= measure_from {
+                        stats.transport_errors += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(req) = load.request(&mut state) else {
+            stats.transport_errors += 1;
+            break;
+        };
+        let started = Instant::now();
+        let answer = async {
+            conn.ready().await?;
+            let res = conn.send_request(req).await?;
+            let status = res.status().as_u16();
+            let replayed = res.headers().contains_key("idempotent-replayed");
+            let body = res.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, replayed, body))
+        }
+        .await;
+        let took = started.elapsed();
+        let measured = started >= measure_from;
+        match answer {
+            Ok((status, replayed, body)) => {
+                if measured {
+                    stats
+                        .latencies_us
+                        .push(took.as_micros().min(u128::from(u32::MAX)) as u32);
+                    *stats.by_status.entry(status).or_default() += 1;
+                    if is_decide && status == 200 {
+                        *stats
+                            .outcomes
+                            .entry(outcome_of(&body, replayed))
+                            .or_default() += 1;
+                    }
+                }
+            }
+            Err(_) => {
+                if measured {
+                    stats.transport_errors += 1;
+                }
+                sender = None;
+            }
+        }
+    }
+    stats
+}
+
+/// Drives one workload with every connection, sampling the server's RSS meanwhile.
+async fn run_phase(
+    args: &BenchArgs,
+    addr: SocketAddr,
+    load: Arc<Workload>,
+    pid: Option<u32>,
+) -> anyhow::Result<(PhaseStats, Option<u64>)> {
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup_secs);
+    let stop_at = measure_from + Duration::from_secs(args.duration_secs);
+    let workers: Vec<_> = (0..args.connections)
+        .map(|id| tokio::spawn(worker(addr, load.clone(), id, measure_from, stop_at)))
+        .collect();
+    let sampler = pid.map(|pid| {
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while Instant::now() < stop_at {
+                peak = peak.max(proc_status_kib(pid, "VmRSS:").unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            peak
+        })
+    });
+    let mut stats = PhaseStats {
+        name: load.name(),
+        ..PhaseStats::default()
+    };
+    // A request in flight at `stop_at` may finish a little later; none may hang the bench.
+    let deadline = stop_at + Duration::from_secs(30);
+    for w in workers {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, w).await {
+            Ok(Ok(s)) => stats.merge(s),
+            Ok(Err(e)) => bail!("a load worker failed: {e}"),
+            Err(_) => bail!("a request was still unanswered 30 s after the end of the run"),
+        }
+    }
+    stats.elapsed = stop_at.saturating_duration_since(measure_from);
+    stats.latencies_us.sort_unstable();
+    let rss = match sampler {
+        Some(s) => Some(s.await?),
+        None => None,
+    };
+    Ok((stats, rss))
+}
+
+// ---------------------------------------------------------------------------------------
+// The report
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn errors_text(s: &PhaseStats) -> String {
+    let mut parts: Vec<String> = s
+        .by_status
+        .iter()
+        .filter(|(status, _)| !(200..300).contains(*status))
+        .map(|(status, n)| format!("{status}×{n}"))
+        .collect();
+    if s.transport_errors > 0 {
+        parts.push(format!("transport×{}", s.transport_errors));
+    }
+    if parts.is_empty() {
+        "0".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn print_report(args: &BenchArgs, r: &Report) {
+    let store = match &args.base {
+        Some(_) => "external",
+        None => args.store.name(),
+    };
+    println!();
+    println!(
+        "PayNow bench — store {store}, mix {:?}, {} connections, {} s per endpoint after {} s warm-up, {} customers",
+        args.mix, args.connections, args.duration_secs, args.warmup_secs, args.customers
+    );
+    println!();
+    println!(
+        "| endpoint | requests | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS MiB |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    for (s, rss) in [
+        (&r.decide, r.decide_rss_kib),
+        (&r.healthz, r.healthz_rss_kib),
+    ] {
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            s.name,
+            s.requests(),
+            s.rps(),
+            s.quantile_ms(0.50),
+            s.quantile_ms(0.90),
+            s.quantile_ms(0.99),
+            s.quantile_ms(1.0),
+            errors_text(s),
+            rss.map_or("n/a".into(), |k| format!("{:.1}", mib(k))),
+        );
+    }
+    let ratio = r.decide.rps() / r.healthz.rps().max(1e-9);
+    println!();
+    println!("decisions/s ÷ healthz/s: {ratio:.3}");
+    let outcomes: Vec<String> = r
+        .decide
+        .outcomes
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!("decide answers (200): {}", outcomes.join(", "));
+    if let Some((ready, kind)) = r.first_ready {
+        println!("ready after start: {:.0} ms ({kind})", ms(ready));
+    }
+    let mut rss_mb = "n/a".to_owned();
+    if let Some(s) = &r.server {
+        if let Some(ready) = s.restart_ready {
+            println!(
+                "ready after restart on the existing store: {:.0} ms",
+                ms(ready)
+            );
+        }
+        if let Some(hwm) = s.peak_rss_kib {
+            println!("server peak RSS (VmHWM, whole run): {:.1} MiB", mib(hwm));
+            rss_mb = format!("{:.1}", mib(hwm));
+        }
+        println!("server exit after SIGTERM: {}", s.exit);
+        if let Some(dir) = &s.kept {
+            println!("kept the store and server log in {}", dir.display());
+        }
+    }
+    println!(
+        "BENCH store={store} decide_rps={:.0} healthz_rps={:.0} ratio={ratio:.3} p50_ms={:.2} p99_ms={:.2} errors={} rss_mb={rss_mb}",
+        r.decide.rps(),
+        r.healthz.rps(),
+        r.decide.quantile_ms(0.50),
+        r.decide.quantile_ms(0.99),
+        r.decide.errors() + r.healthz.errors(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bench_files_are_valid_fixtures_and_policy() {
+        let customers = crate::fixtures::parse(&customers_json(3)).unwrap();
+        assert_eq!(customers.len(), 3);
+        assert_eq!(customers[2].customer.as_str(), "bench_0000002");
+        assert_eq!(customers[0].known_payees[0].as_str(), KNOWN_PAYEE);
+        let policy = crate::policy::Policy::parse(&bench_policy().unwrap()).unwrap();
+        assert_eq!(policy.velocity.max_payments, 1_000_000_000);
+        assert!(policy.blocked_payees.contains("p_blocked"));
+    }
+
+    #[test]
+    fn quantiles_use_the_nearest_rank() {
+        let samples: Vec<u32> = (1..=100).map(|i| i * 1000).collect();
+        assert_eq!(quantile_ms(&samples, 0.50), 50.0);
+        assert_eq!(quantile_ms(&samples, 0.99), 99.0);
+        assert_eq!(quantile_ms(&samples, 1.0), 100.0);
+        assert_eq!(quantile_ms(&[], 0.5), 0.0);
+    }
+
+    #[tokio::test]
+    async fn only_loopback_targets_are_accepted() {
+        assert!(loopback_addr("http://127.0.0.1:8000").await.is_ok());
+        assert!(loopback_addr("http://localhost:8000/").await.is_ok());
+        assert!(loopback_addr("http://10.0.0.1:8000").await.is_err());
+        assert!(loopback_addr("https://127.0.0.1:8000").await.is_err());
+    }
+
+    #[test]
+    fn decisions_are_read_from_the_start_of_the_body() {
+        assert_eq!(
+            outcome_of(br#"{"decision":"allow","reasons":[]}"#, false),
+            "allow"
+        );
+        assert_eq!(outcome_of(br#"{"decision":"block"}"#, false), "block");
+        assert_eq!(outcome_of(br#"{"decision":"allow"}"#, true), "replayed");
+        assert_eq!(outcome_of(b"{}", false), "other");
+    }
+}
