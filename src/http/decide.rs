@@ -170,6 +170,15 @@ fn parse_request(
     }
 }
 
+/// The whole parse of a decide body, from raw bytes to typed values: what `ApiJson` and the
+/// handler do together, in one function the fuzz tests can drive.
+pub fn parse_decide_body(
+    bytes: &[u8],
+    header_key: Option<&HeaderValue>,
+) -> Result<(Payment, IdempotencyKey), AppError> {
+    parse_request(super::parse_json(bytes)?, header_key)
+}
+
 fn replay(stored: StoredResponse) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let mut res = (status, stored.body).into_response();
@@ -324,4 +333,122 @@ pub async fn decide_payment(
         HeaderValue::from_static("application/json"),
     );
     Ok(with_rate_headers(res, &limit))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn is_client_error(e: &AppError) -> bool {
+        e.status().is_client_error()
+    }
+
+    const VALID: &str = r#"{"customerId":"c_123","amount":125.50,"currency":"USD","payeeId":"p_789","idempotencyKey":"uuid-1"}"#;
+
+    #[test]
+    fn the_brief_request_parses_exactly() {
+        let (payment, key) = parse_decide_body(VALID.as_bytes(), None).unwrap();
+        assert_eq!(payment.amount.minor(), 12550);
+        assert_eq!(payment.customer.as_str(), "c_123");
+        assert_eq!(key.as_str(), "uuid-1");
+        // A decimal string is accepted too, and means the same amount.
+        let text = VALID.replace("125.50", "\"125.5\"");
+        let (same, _) = parse_decide_body(text.as_bytes(), None).unwrap();
+        assert_eq!(same.fingerprint(), payment.fingerprint());
+    }
+
+    #[test]
+    fn amounts_beyond_f64_precision_stay_exact() {
+        // Values a binary float gets wrong (0.29 * 100 = 28.999…): exact here.
+        for (text, minor) in [
+            ("0.29", 29),
+            ("4.35", 435),
+            ("1.15", 115),
+            ("999999999.99", 99_999_999_999),
+        ] {
+            let body = VALID.replace("125.50", text);
+            let (p, _) = parse_decide_body(body.as_bytes(), None).unwrap();
+            assert_eq!(p.amount.minor(), minor, "{text}");
+        }
+        let text = VALID.replace("125.50", "0.30000000000000004");
+        assert!(parse_decide_body(text.as_bytes(), None).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any bytes at all: a client error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Err(e) = parse_decide_body(&bytes, None) {
+                prop_assert!(is_client_error(&e));
+            }
+        }
+
+        /// The valid request with one byte changed, inserted or removed.
+        #[test]
+        fn mutated_requests_are_parsed_or_refused(pos in 0usize..VALID.len(), byte in any::<u8>(), op in 0u8..3) {
+            let mut bytes = VALID.as_bytes().to_vec();
+            match op {
+                0 => bytes[pos] = byte,
+                1 => bytes.insert(pos, byte),
+                _ => { bytes.remove(pos); }
+            }
+            match parse_decide_body(&bytes, None) {
+                Ok((payment, _)) => prop_assert!(payment.amount.minor() > 0),
+                Err(e) => prop_assert!(is_client_error(&e)),
+            }
+        }
+
+        /// Any JSON value in any field.
+        #[test]
+        fn any_json_in_any_field(field in prop::sample::select(vec!["customerId", "amount", "currency", "payeeId", "idempotencyKey", "context"]),
+                                 value in any_json()) {
+            let mut body: serde_json::Value = serde_json::from_str(VALID).unwrap();
+            body[field] = value;
+            let bytes = serde_json::to_vec(&body).unwrap();
+            match parse_decide_body(&bytes, None) {
+                Ok((payment, _)) => prop_assert!(payment.amount.minor() > 0),
+                Err(e) => prop_assert!(is_client_error(&e)),
+            }
+        }
+
+        /// Amount text of any shape: exact minor units or a refusal.
+        #[test]
+        fn any_amount_text(text in "[-+0-9.eE]{1,40}") {
+            let body = VALID.replace("125.50", &text);
+            match parse_decide_body(body.as_bytes(), None) {
+                Ok((payment, _)) => {
+                    let back = rust_decimal::Decimal::new(payment.amount.minor(), 2);
+                    let given = if text.contains(['e', 'E']) {
+                        rust_decimal::Decimal::from_scientific(&text).unwrap()
+                    } else {
+                        rust_decimal::Decimal::from_str_exact(&text).unwrap()
+                    };
+                    prop_assert_eq!(back.normalize(), given.normalize());
+                }
+                Err(e) => prop_assert!(is_client_error(&e)),
+            }
+        }
+    }
+
+    fn any_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            "[ -~]{0,80}".prop_map(serde_json::Value::String),
+            "-?[0-9]{1,25}(\\.[0-9]{1,25})?"
+                .prop_map(|n| serde_json::from_str(&n).unwrap_or(serde_json::Value::Null)),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map("[a-zA-Z]{1,12}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
 }

@@ -12,6 +12,7 @@ crate::on_every_backend!(
     the_key_may_come_in_the_header,
     sixteen_concurrent_requests_with_one_key_execute_once,
     stored_answers_survive_a_restart,
+    expired_answers_are_purged_and_the_key_is_free_again,
 );
 
 async fn the_same_key_and_payload_replays_the_identical_response(backend: Backend) {
@@ -135,5 +136,34 @@ async fn stored_answers_survive_a_restart(backend: Backend) {
     // The reservation survived too.
     let (_, body) = app.decide_json(&payment("c_456", "400.01", "p_789")).await;
     assert_eq!(body["reasons"], json!(["insufficient_funds"]));
+    app.stop().await;
+}
+
+async fn expired_answers_are_purged_and_the_key_is_free_again(backend: Backend) {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let database_url = backend.fresh_database(dir.path()).await;
+    let mut config = paynow::Config::with_key(API_KEY, &database_url).unwrap();
+    config.idempotency_ttl = std::time::Duration::from_secs(1);
+    let state = paynow::startup::build_state(config.clone()).await.unwrap();
+    let app = crate::helpers::start(config, dir).await;
+    let body = payment("c_456", "100.00", "p_789");
+    let first: Value = app.decide(&body).await.json().await.unwrap();
+    let replay = app.decide(&body).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // Past its TTL the answer is no longer replayed: the key decides afresh.
+    let again = app.decide(&body).await;
+    assert!(again.headers().get("idempotent-replayed").is_none());
+    let again: Value = again.json().await.unwrap();
+    assert_ne!(again["requestId"], first["requestId"]);
+    // The purge removes what expired (the second answer expires a second later).
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let purged = state
+        .store
+        .purge_expired(paynow::store::now_ms())
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    state.store.close().await;
     app.stop().await;
 }

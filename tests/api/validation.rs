@@ -4,7 +4,10 @@ use serde_json::{Value, json};
 
 use crate::helpers::{API_KEY, Backend, no_rate_limit, payment, spawn_with};
 
-crate::on_every_backend!(bad_input_gets_a_clear_4xx_and_changes_nothing);
+crate::on_every_backend!(
+    bad_input_gets_a_clear_4xx_and_changes_nothing,
+    mutated_bodies_never_get_a_5xx,
+);
 
 fn base() -> Value {
     json!({"customerId":"c_456","amount":600.00,"currency":"USD","payeeId":"p_789","idempotencyKey":"k-valid"})
@@ -170,5 +173,56 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing(backend: Backend) {
     let (status, body) = app.decide_json(&base()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["reasons"], json!(["insufficient_funds"]));
+    app.stop().await;
+}
+
+/// A small deterministic fuzz over the wire: the valid body with bytes flipped, inserted and
+/// removed, sent to the live server. Nothing may answer 5xx.
+async fn mutated_bodies_never_get_a_5xx(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    let valid = base().to_string().into_bytes();
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let alphabet = b"{}[]\":,.-+eE0123456789 \\nu\x00\xff";
+    for i in 0..300 {
+        let mut body = valid.clone();
+        for _ in 0..(1 + next() % 4) {
+            let pos = (next() as usize) % body.len().max(1);
+            let byte = if next() % 2 == 0 {
+                alphabet[(next() as usize) % alphabet.len()]
+            } else {
+                next() as u8
+            };
+            match next() % 3 {
+                0 if !body.is_empty() => body[pos] = byte,
+                1 => body.insert(pos, byte),
+                _ if !body.is_empty() => {
+                    body.remove(pos);
+                }
+                _ => {}
+            }
+        }
+        let res = app
+            .client
+            .post(app.url("/payments/decide"))
+            .header("X-API-Key", API_KEY)
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", format!("fuzz-{i}"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        assert!(
+            matches!(status, 200 | 400 | 422),
+            "{status} for {:?}",
+            String::from_utf8_lossy(&body)
+        );
+    }
     app.stop().await;
 }
