@@ -32,7 +32,7 @@ pub struct ServeArgs {
     /// Listen address.
     #[arg(long, env = "PAYNOW_BIND", default_value = "127.0.0.1:8000")]
     pub bind: SocketAddr,
-    /// `sqlite://FILE` (embedded default).
+    /// `sqlite://FILE` (embedded default) or `postgres://USER@HOST:PORT/DB` (many instances).
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -40,9 +40,15 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub database_url: String,
+    /// PostgreSQL connections kept by this instance.
+    #[arg(long, env = "PAYNOW_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
     /// When set, rate limits are global through Redis.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Prefix of the rate-limit keys in Redis (deployments sharing one Redis use distinct ones).
+    #[arg(long, env = "PAYNOW_REDIS_KEY_PREFIX", default_value = "paynow:rl:")]
+    pub redis_key_prefix: String,
     /// Per-customer token refill rate (requests per second).
     #[arg(long, env = "PAYNOW_RATE_LIMIT_RPS", default_value_t = 5)]
     pub rate_limit_rps: u32,
@@ -154,7 +160,10 @@ pub struct Config {
     pub api_keys: ApiKeys,
     pub bind: SocketAddr,
     pub database_url: String,
+    /// PostgreSQL connections kept by this instance (unused with SQLite).
+    pub db_pool_size: usize,
     pub redis_url: Option<String>,
+    pub redis_key_prefix: String,
     pub rate_limit: Quota,
     pub idempotency_ttl: Duration,
     pub fixtures: Option<PathBuf>,
@@ -180,11 +189,19 @@ impl Config {
         if args.request_timeout_ms == 0 {
             return Err("PAYNOW_REQUEST_TIMEOUT_MS must be at least 1".into());
         }
+        if !(1..=1_000).contains(&args.db_pool_size) {
+            return Err("PAYNOW_DB_POOL_SIZE must be between 1 and 1000".into());
+        }
+        if args.redis_key_prefix.is_empty() {
+            return Err("PAYNOW_REDIS_KEY_PREFIX must not be empty".into());
+        }
         Ok(Config {
             api_keys: ApiKeys::parse(args.api_key.as_deref(), args.api_keys.as_deref())?,
             bind: args.bind,
             database_url: args.database_url.clone(),
+            db_pool_size: args.db_pool_size,
             redis_url: args.redis_url.clone().filter(|u| !u.is_empty()),
+            redis_key_prefix: args.redis_key_prefix.clone(),
             rate_limit: Quota::new(args.rate_limit_rps, args.rate_limit_burst)?,
             idempotency_ttl: Duration::from_secs(args.idempotency_ttl_secs),
             fixtures: args.fixtures.clone(),
@@ -203,7 +220,9 @@ impl Config {
             api_keys: ApiKeys::parse(Some(api_key), None)?,
             bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
             database_url: database_url.to_owned(),
+            db_pool_size: 16,
             redis_url: None,
+            redis_key_prefix: "paynow:rl:".into(),
             rate_limit: Quota::new(5, 5)?,
             idempotency_ttl: Duration::from_secs(86_400),
             fixtures: None,

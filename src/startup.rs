@@ -20,6 +20,9 @@ use crate::{fixtures, store};
 
 /// How often expired idempotency records are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How much longer than the request timeout an idempotency claim blocks its key on
+/// PostgreSQL when its instance dies.
+const CLAIM_LEASE_MARGIN: Duration = Duration::from_secs(20);
 
 fn fault_for<'a>(faults: &'a [(String, Fault)], tool: &str) -> Option<&'a Fault> {
     faults.iter().rev().find(|(t, _)| t == tool).map(|(_, f)| f)
@@ -29,7 +32,17 @@ fn fault_for<'a>(faults: &'a [(String, Fault)], tool: &str) -> Option<&'a Fault>
 pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     let policy = Arc::new(Policy::load(config.policy.as_deref())?);
     let customers = fixtures::load(config.fixtures.as_deref())?;
-    let store = store::open(&config.database_url).await?;
+    let store = store::open_with(
+        &config.database_url,
+        store::postgres::PostgresOptions {
+            pool_size: config.db_pool_size,
+            // A claim must outlive any request still allowed to run; past that, its owner
+            // was stopped by the timeout (and released it) or died (and never will).
+            claim_lease: config.request_timeout + CLAIM_LEASE_MARGIN,
+            ..Default::default()
+        },
+    )
+    .await?;
     let seeded = store.seed_if_empty(&customers).await?;
 
     let mut balance: BalanceTool = Arc::new(StoreBalance(store.clone()));

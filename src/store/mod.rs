@@ -1,7 +1,8 @@
 //! Storage: one trait, one method per use case, and the SQL lives only below this module.
 //!
-//! The embedded default is SQLite ([`sqlite::SqliteStore`]); the backend is picked once at
-//! start-up from `DATABASE_URL`.
+//! The embedded default is SQLite ([`sqlite::SqliteStore`]); many instances share PostgreSQL
+//! ([`postgres::PostgresStore`]). The backend is picked once at start-up from the scheme of
+//! `DATABASE_URL`.
 //!
 //! # Idempotency contract
 //! A decision is stored together with its response body, under the caller's identity and the
@@ -14,6 +15,7 @@
 //!   with one key, the second is rolled back whole and answers with the first one's response
 //!   ([`CommitOutcome::Duplicate`]).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -227,14 +229,26 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Opens the store named by `database_url`.
+/// Opens the store named by `database_url`, with the default PostgreSQL options.
 pub async fn open(database_url: &str) -> anyhow::Result<DynStore> {
+    open_with(database_url, postgres::PostgresOptions::default()).await
+}
+
+/// Opens the store named by `database_url`; `options` apply to PostgreSQL.
+pub async fn open_with(
+    database_url: &str,
+    options: postgres::PostgresOptions,
+) -> anyhow::Result<DynStore> {
     if let Some(path) = sqlite::path_from_url(database_url) {
         let store = sqlite::SqliteStore::open(&path)?;
         return Ok(Arc::new(store));
     }
+    if postgres::is_postgres_url(database_url) {
+        let store = postgres::PostgresStore::open(database_url, options).await?;
+        return Ok(Arc::new(store));
+    }
     anyhow::bail!(
-        "DATABASE_URL must start with sqlite:// (got scheme {:?})",
+        "DATABASE_URL must start with sqlite:// or postgres:// (got scheme {:?})",
         database_url.split(':').next().unwrap_or("")
     )
 }
@@ -242,5 +256,5 @@ pub async fn open(database_url: &str) -> anyhow::Result<DynStore> {
 /// Creates an empty PostgreSQL database next to `base_url` and returns its URL (for tests
 /// and the benchmark, which want a fresh database each run).
 pub async fn postgres_test_database(base_url: &str) -> anyhow::Result<String> {
-    anyhow::bail!("PostgreSQL storage is not available in this build (asked for {base_url:?})")
+    postgres::create_test_database(base_url).await
 }

@@ -1,0 +1,886 @@
+//! The PostgreSQL store, for many instances sharing one database.
+//!
+//! # Money
+//! A reservation is a conditional `UPDATE accounts … WHERE balance_minor - reserved_minor >=
+//! amount` (and the daily limit). PostgreSQL re-checks that condition on the newest version of
+//! the row after waiting for a concurrent writer (read committed), so payments racing on any
+//! number of instances never reserve more than is available; the table's `CHECK`s are the
+//! last line behind it.
+//!
+//! # One statement per decision
+//! The common case, an `allow` whose funds are still there, is one statement: a chain of
+//! CTEs that locks this request's idempotency claim, reserves, inserts the reservation, the
+//! decision and the known payee, and completes the idempotency record. A single statement is
+//! one transaction and one round trip (measured about twice as fast as BEGIN, UPDATE,
+//! INSERT…, COMMIT). Every step after the claim reads the previous one's `RETURNING`, so when
+//! the claim is gone or the funds are not there, the statement writes nothing. `review` and
+//! `block` are one statement too. Only an `allow` refused at commit takes a transaction of
+//! its own: it reads the account under a row lock, so the `commit` trace step states the
+//! balance that refused it, and writes the block and its case.
+//!
+//! # Idempotency across instances
+//! [`Store::begin_idempotent`] inserts the key as `in_progress` with a random owner token and
+//! a lease. A duplicate on any instance then finds the row: `completed` → replay (or
+//! mismatch), `in_progress` → 409. Commit only proceeds while this request still owns the
+//! row (`owner = token`, locked `FOR UPDATE` in the same statement), so an execution whose
+//! lease ran out and was taken over cannot write anything. A claim dropped without commit
+//! deletes its row in the background; a claim left by a crashed instance stops blocking its
+//! key when its lease expires.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use parking_lot::Mutex;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::{
+    Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
+    RiskProfile, Store, StoreError, StoredResponse,
+};
+use crate::domain::{
+    Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId, format_minor,
+};
+use crate::fixtures::CustomerFixture;
+
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// Serialises migrations and seeding between instances starting at once (any constant will
+/// do; it only has to be the same everywhere).
+const SCHEMA_LOCK: i64 = 0x7061_796e_6f77; // "paynow"
+
+/// How the pool and the idempotency claims behave.
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    /// Connections kept by this instance.
+    pub pool_size: usize,
+    /// How long an in-progress claim blocks its key if its instance dies without releasing
+    /// it. Longer than any request may run (the request timeout stops them first).
+    pub claim_lease: Duration,
+    /// How long a request waits for a free connection (or to open one) before answering 503.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            pool_size: 16,
+            claim_lease: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+pub struct PostgresStore {
+    pool: Pool,
+    claim_lease_ms: i64,
+    /// Owner tokens of the claims this instance holds, by scope. A duplicate arriving at the
+    /// same instance is answered 409 without a round trip, and commit finds its token here.
+    claims: Arc<Mutex<HashMap<String, String>>>,
+}
+
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+fn db_error(e: tokio_postgres::Error) -> StoreError {
+    // Without a SQLSTATE the connection failed; with one, only the classes that mean "the
+    // server cannot serve now" are unavailability, the rest are our bugs.
+    match e.code() {
+        None => StoreError::Unavailable(e.to_string()),
+        Some(code) => {
+            let class = &code.code()[..2];
+            if matches!(class, "08" | "53" | "57" | "40") || code == &SqlState::LOCK_NOT_AVAILABLE {
+                StoreError::Unavailable(e.to_string())
+            } else {
+                StoreError::Internal(e.to_string())
+            }
+        }
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_error(e),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn scope_key(scope: &IdempotencyScope) -> String {
+    format!("{}\u{0}{}", scope.caller, scope.key.as_str())
+}
+
+fn reasons_json(reasons: &[Reason]) -> String {
+    serde_json::to_string(reasons).unwrap_or_else(|_| "[]".into())
+}
+
+/// Parses the URL and fills in what a service wants that URLs rarely say.
+fn pg_config(url: &str, options: &PostgresOptions) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(options.connect_timeout);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("paynow");
+    }
+    Ok(config)
+}
+
+fn make_pool(config: tokio_postgres::Config, options: &PostgresOptions) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            // A broken connection shows itself on first use and is replaced then; checking
+            // each one on checkout would cost a round trip per request.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(options.pool_size.max(1))
+        .wait_timeout(Some(options.connect_timeout))
+        .create_timeout(Some(options.connect_timeout))
+        .recycle_timeout(Some(options.connect_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot build the PostgreSQL pool: {e}"))
+}
+
+/// Applies the migrations this database lacks, one transaction each, under an advisory lock
+/// so that instances starting together do not race.
+async fn migrate(pool: &Pool) -> anyhow::Result<()> {
+    let mut client = pool.get().await?;
+    client
+        .batch_execute(&format!(
+            "SELECT pg_advisory_lock({SCHEMA_LOCK});
+             CREATE TABLE IF NOT EXISTS paynow_schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        ))
+        .await?;
+    let result = async {
+        let applied: i32 = client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM paynow_schema_migrations",
+                &[],
+            )
+            .await?
+            .get(0);
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+            let tx = client.transaction().await?;
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO paynow_schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    }
+    .await;
+    let unlocked = client
+        .batch_execute(&format!("SELECT pg_advisory_unlock({SCHEMA_LOCK})"))
+        .await;
+    result?;
+    unlocked?;
+    Ok(())
+}
+
+impl PostgresStore {
+    /// Connects, applies migrations, and keeps a pool of `options.pool_size` connections.
+    pub async fn open(url: &str, options: PostgresOptions) -> anyhow::Result<Self> {
+        let config = pg_config(url, &options)?;
+        let pool = make_pool(config, &options)?;
+        migrate(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot migrate the PostgreSQL database: {e:#}"))?;
+        Ok(PostgresStore {
+            pool,
+            claim_lease_ms: options.claim_lease.as_millis() as i64,
+            claims: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Forgets the local claim once its database row no longer needs releasing.
+    fn settle_claim(&self, scope: &IdempotencyScope, token: &str) {
+        let key = scope_key(scope);
+        let mut claims = self.claims.lock();
+        if claims.get(&key).is_some_and(|t| t == token) {
+            claims.remove(&key);
+        }
+    }
+
+    fn claim_token(&self, scope: &IdempotencyScope) -> Option<String> {
+        self.claims.lock().get(&scope_key(scope)).cloned()
+    }
+
+    /// The claim's release: if commit did not settle it, delete the row it still owns, so a
+    /// retry need not wait for the lease.
+    fn release(&self, key: String, token: String, scope: IdempotencyScope) -> Claim {
+        let claims = self.claims.clone();
+        let pool = self.pool.clone();
+        Claim::new(move || {
+            let mut held = claims.lock();
+            if held.get(&key) != Some(&token) {
+                return;
+            }
+            held.remove(&key);
+            drop(held);
+            // Dropping happens in async code almost always; without a runtime the lease
+            // releases the key instead.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            runtime.spawn(async move {
+                let deleted = async {
+                    let client = pool.get().await.map_err(pool_error)?;
+                    client
+                        .execute(
+                            "DELETE FROM idempotency
+                             WHERE caller = $1 AND key = $2 AND state = 'in_progress' AND owner = $3",
+                            &[&&*scope.caller, &scope.key.as_str(), &token],
+                        )
+                        .await
+                        .map_err(db_error)
+                }
+                .await;
+                if let Err(e) = deleted {
+                    tracing::warn!(event = "idempotency.release_failed", error = %e,
+                        "claim not released; it expires with its lease");
+                }
+            });
+        })
+    }
+
+    /// Runs `ALLOW` on a pooled connection or in a transaction: (claim held, reserved and
+    /// completed).
+    async fn run_allow(
+        client: &impl deadpool_postgres::GenericClient,
+        rec: &DecisionRecord,
+        token: &str,
+        body: &[u8],
+    ) -> Result<(bool, bool), StoreError> {
+        let stmt = client.prepare_cached(ALLOW).await.map_err(db_error)?;
+        let currency = rec.payment.amount.currency();
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &&*rec.scope.caller,
+                    &rec.scope.key.as_str(),
+                    &token,
+                    &rec.payment.amount.minor(),
+                    &rec.day(),
+                    &rec.payment.customer.as_str(),
+                    &currency.code(),
+                    &rec.daily_limit_minor,
+                    &rec.reservation_id,
+                    &rec.payment.payee.as_str(),
+                    &rec.request_id.as_str(),
+                    &rec.now_ms,
+                    &reasons_json(&rec.outcome.reasons),
+                    &body,
+                    &rec.idempotency_expires_ms,
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Runs `NOT_ALLOW`: the case, the decision, the stored response. False when the claim
+    /// is lost (nothing written).
+    async fn run_not_allow(
+        client: &impl deadpool_postgres::GenericClient,
+        rec: &DecisionRecord,
+        token: &str,
+        body: &[u8],
+    ) -> Result<bool, StoreError> {
+        let stmt = client.prepare_cached(NOT_ALLOW).await.map_err(db_error)?;
+        let trace = serde_json::to_string(&rec.outcome.trace).unwrap_or_else(|_| "[]".into());
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &&*rec.scope.caller,
+                    &rec.scope.key.as_str(),
+                    &token,
+                    &rec.case_id,
+                    &rec.payment.customer.as_str(),
+                    &rec.payment.payee.as_str(),
+                    &rec.payment.amount.minor(),
+                    &rec.payment.amount.currency().code(),
+                    &rec.outcome.decision.as_str(),
+                    &reasons_json(&rec.outcome.reasons),
+                    &trace,
+                    &rec.request_id.as_str(),
+                    &rec.now_ms,
+                    &body,
+                    &rec.idempotency_expires_ms,
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.get(0))
+    }
+
+    /// The allow lost its funds (or the daily limit) between the agent's look and commit.
+    /// Under the account's row lock, either it fits again (another payment was released) and
+    /// is reserved, or it becomes a block whose trace states what refused it.
+    async fn commit_refused(
+        &self,
+        mut rec: DecisionRecord,
+        token: &str,
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let currency = rec.payment.amount.currency();
+        let amount = rec.payment.amount.minor();
+        let day = rec.day();
+        let now: Option<(i64, i64, String)> = tx
+            .query_opt(
+                "SELECT balance_minor - reserved_minor,
+                        CASE WHEN outflow_day = $2 THEN outflow_minor ELSE 0 END,
+                        currency
+                 FROM accounts WHERE customer_id = $1 FOR UPDATE",
+                &[&rec.payment.customer.as_str(), &day],
+            )
+            .await
+            .map_err(db_error)?
+            .map(|r| (r.get(0), r.get(1), r.get(2)));
+        let (available, outflow, account_currency) =
+            now.unwrap_or((0, 0, currency.code().to_owned()));
+        let fits = account_currency == currency.code()
+            && amount <= available
+            && outflow + amount <= rec.daily_limit_minor;
+
+        if fits {
+            let body = rec.response_body();
+            let (claimed, completed) = Self::run_allow(&tx, &rec, token, &body).await?;
+            if claimed && completed {
+                tx.commit().await.map_err(db_error)?;
+                return Ok(committed(rec, body, true));
+            }
+            // Still refused or no longer ours: roll back and fall through to what follows.
+            tx.rollback().await.map_err(db_error)?;
+            if !claimed {
+                return Ok(CommitOutcome::Duplicate);
+            }
+            return Err(StoreError::Internal(
+                "reservation refused under the account's row lock".into(),
+            ));
+        }
+
+        let show = |m| format_minor(m, currency.exponent());
+        let (reason, detail) = if amount > available {
+            (
+                Reason::InsufficientFunds,
+                format!(
+                    "reservation refused: a concurrent payment took the funds (available={})",
+                    show(available)
+                ),
+            )
+        } else {
+            (
+                Reason::LimitExceeded,
+                format!(
+                    "reservation refused: concurrent payments reached the daily limit (today's outflow={})",
+                    show(outflow)
+                ),
+            )
+        };
+        rec.refuse_reservation(reason, detail);
+        let body = rec.response_body();
+        if Self::run_not_allow(&tx, &rec, token, &body).await? {
+            tx.commit().await.map_err(db_error)?;
+            Ok(committed(rec, body, false))
+        } else {
+            tx.rollback().await.map_err(db_error)?;
+            Ok(CommitOutcome::Duplicate)
+        }
+    }
+}
+
+fn committed(rec: DecisionRecord, body: Vec<u8>, reserved: bool) -> CommitOutcome {
+    CommitOutcome::Committed(Box::new(Committed {
+        reservation_id: reserved.then(|| rec.reservation_id.clone()),
+        case_id: (!reserved).then(|| rec.case_id.clone()),
+        outcome: rec.outcome,
+        body: body.into(),
+    }))
+}
+
+/// Claims a key, or reports who has it, in one statement. On conflict the row is always
+/// "updated" (to itself unless it may be taken over), which locks it and returns its newest
+/// version: a concurrent commit is waited for and then replayed, and there is no window
+/// between "insert failed" and "read what is there" for the row to change or vanish.
+/// A row may be taken over once `expires_ms` has passed: a completed answer past retention,
+/// or an in-progress claim whose instance died.
+const BEGIN: &str = "
+INSERT INTO idempotency AS i
+    (caller, key, fingerprint, state, owner, status_code, body, request_id, created_ms, expires_ms)
+VALUES ($1::text, $2::text, $3::bytea, 'in_progress', $4::text, NULL, NULL, NULL, $5::bigint, $6::bigint)
+ON CONFLICT (caller, key) DO UPDATE SET
+    fingerprint = CASE WHEN i.expires_ms <= excluded.created_ms THEN excluded.fingerprint ELSE i.fingerprint END,
+    state       = CASE WHEN i.expires_ms <= excluded.created_ms THEN excluded.state       ELSE i.state       END,
+    owner       = CASE WHEN i.expires_ms <= excluded.created_ms THEN excluded.owner       ELSE i.owner       END,
+    status_code = CASE WHEN i.expires_ms <= excluded.created_ms THEN NULL                 ELSE i.status_code END,
+    body        = CASE WHEN i.expires_ms <= excluded.created_ms THEN NULL                 ELSE i.body        END,
+    request_id  = CASE WHEN i.expires_ms <= excluded.created_ms THEN NULL                 ELSE i.request_id  END,
+    created_ms  = CASE WHEN i.expires_ms <= excluded.created_ms THEN excluded.created_ms  ELSE i.created_ms  END,
+    expires_ms  = CASE WHEN i.expires_ms <= excluded.created_ms THEN excluded.expires_ms  ELSE i.expires_ms  END
+RETURNING state, owner, fingerprint, status_code, body, request_id, (xmax <> 0) AS existed";
+
+/// An allow, whole: every step after `claim` reads the previous one's rows, so if the claim
+/// is lost or the reservation does not fit, nothing at all is written.
+const ALLOW: &str = "
+WITH claim AS MATERIALIZED (
+    SELECT 1 FROM idempotency
+    WHERE caller = $1::text AND key = $2::text AND state = 'in_progress' AND owner = $3::text
+    FOR UPDATE
+), reserved AS (
+    UPDATE accounts SET
+        reserved_minor = reserved_minor + $4::bigint,
+        outflow_minor = CASE WHEN outflow_day = $5::bigint THEN outflow_minor + $4::bigint ELSE $4::bigint END,
+        outflow_day = $5::bigint
+    WHERE customer_id = $6::text AND currency = $7::text
+      AND balance_minor - reserved_minor >= $4::bigint
+      AND (CASE WHEN outflow_day = $5::bigint THEN outflow_minor ELSE 0 END) + $4::bigint <= $8::bigint
+      AND EXISTS (SELECT 1 FROM claim)
+    RETURNING customer_id
+), reservation AS (
+    INSERT INTO reservations (id, customer_id, payee_id, amount_minor, currency, request_id, created_ms)
+    SELECT $9::text, customer_id, $10::text, $4::bigint, $7::text, $11::text, $12::bigint FROM reserved
+), payee AS (
+    INSERT INTO known_payees (customer_id, payee_id)
+    SELECT customer_id, $10::text FROM reserved
+    ON CONFLICT DO NOTHING
+), decision AS (
+    INSERT INTO decisions (request_id, customer_id, payee_id, amount_minor, currency, decision, reasons, created_ms)
+    SELECT $11::text, customer_id, $10::text, $4::bigint, $7::text, 'allow', $13::text::jsonb, $12::bigint FROM reserved
+), done AS (
+    UPDATE idempotency SET
+        state = 'completed', owner = NULL, status_code = 200, body = $14::bytea,
+        request_id = $11::text, created_ms = $12::bigint, expires_ms = $15::bigint
+    WHERE caller = $1::text AND key = $2::text AND EXISTS (SELECT 1 FROM reserved)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM claim), EXISTS (SELECT 1 FROM done)";
+
+/// A review or block: the case, the decision and the stored response, if the claim holds.
+const NOT_ALLOW: &str = "
+WITH claim AS MATERIALIZED (
+    SELECT 1 FROM idempotency
+    WHERE caller = $1::text AND key = $2::text AND state = 'in_progress' AND owner = $3::text
+    FOR UPDATE
+), opened AS (
+    INSERT INTO cases (id, customer_id, payee_id, amount_minor, currency, decision, reasons, trace, request_id, created_ms)
+    SELECT $4::text, $5::text, $6::text, $7::bigint, $8::text, $9::text, $10::text::jsonb, $11::text::jsonb, $12::text, $13::bigint
+    FROM claim
+), decision AS (
+    INSERT INTO decisions (request_id, customer_id, payee_id, amount_minor, currency, decision, reasons, created_ms)
+    SELECT $12::text, $5::text, $6::text, $7::bigint, $8::text, $9::text, $10::text::jsonb, $13::bigint
+    FROM claim
+), done AS (
+    UPDATE idempotency SET
+        state = 'completed', owner = NULL, status_code = 200, body = $14::bytea,
+        request_id = $12::text, created_ms = $13::bigint, expires_ms = $15::bigint
+    WHERE caller = $1::text AND key = $2::text AND EXISTS (SELECT 1 FROM claim)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM done)";
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn begin_idempotent(
+        &self,
+        scope: &IdempotencyScope,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Begin, StoreError> {
+        let key = scope_key(scope);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        {
+            let mut claims = self.claims.lock();
+            if claims.contains_key(&key) {
+                return Ok(Begin::InProgress);
+            }
+            claims.insert(key.clone(), token.clone());
+        }
+        // From here on the claim exists locally; dropping it (early return included)
+        // releases whatever the database holds.
+        let claim = self.release(key, token.clone(), scope.clone());
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(BEGIN).await.map_err(db_error)?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &&*scope.caller,
+                    &scope.key.as_str(),
+                    &&fingerprint[..],
+                    &token,
+                    &now_ms,
+                    &(now_ms + self.claim_lease_ms),
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        let state: &str = row.get(0);
+        let owner: Option<&str> = row.get(1);
+        if owner == Some(token.as_str()) {
+            if row.get::<_, bool>(6) && state == "in_progress" {
+                tracing::debug!(event = "idempotency.claimed_expired_row");
+            }
+            return Ok(Begin::Fresh(claim));
+        }
+        drop(claim);
+        if state != "completed" {
+            return Ok(Begin::InProgress);
+        }
+        let stored_fingerprint: &[u8] = row.get(2);
+        if stored_fingerprint != &fingerprint[..] {
+            return Ok(Begin::Mismatch);
+        }
+        let status: i32 = row.get(3);
+        let body: Vec<u8> = row.get(4);
+        let request_id: String = row.get(5);
+        Ok(Begin::Replay(StoredResponse {
+            status: u16::try_from(status).unwrap_or(200),
+            body: body.into(),
+            request_id: RequestId::from_stored(request_id),
+        }))
+    }
+
+    async fn find_response(
+        &self,
+        scope: &IdempotencyScope,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Option<Lookup>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT fingerprint, status_code, body, request_id FROM idempotency
+                 WHERE caller = $1 AND key = $2 AND state = 'completed' AND expires_ms > $3",
+            )
+            .await
+            .map_err(db_error)?;
+        let row = client
+            .query_opt(&stmt, &[&&*scope.caller, &scope.key.as_str(), &now_ms])
+            .await
+            .map_err(db_error)?;
+        Ok(row.map(|r| {
+            let stored_fingerprint: &[u8] = r.get(0);
+            if stored_fingerprint == &fingerprint[..] {
+                Lookup::Replay(StoredResponse {
+                    status: u16::try_from(r.get::<_, i32>(1)).unwrap_or(200),
+                    body: r.get::<_, Vec<u8>>(2).into(),
+                    request_id: RequestId::from_stored(r.get(3)),
+                })
+            } else {
+                Lookup::Mismatch
+            }
+        }))
+    }
+
+    async fn account(&self, customer: &CustomerId) -> Result<Option<Account>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT currency, balance_minor, reserved_minor, outflow_day, outflow_minor
+                 FROM accounts WHERE customer_id = $1",
+            )
+            .await
+            .map_err(db_error)?;
+        let row = client
+            .query_opt(&stmt, &[&customer.as_str()])
+            .await
+            .map_err(db_error)?;
+        row.map(|r| {
+            let currency: &str = r.get(0);
+            let currency = Currency::parse(currency).map_err(|_| {
+                StoreError::Internal(format!("account has bad currency {currency:?}"))
+            })?;
+            Ok(Account {
+                customer: customer.clone(),
+                balance: Money::from_minor(r.get(1), currency),
+                reserved_minor: r.get(2),
+                outflow_day: r.get(3),
+                outflow_minor: r.get(4),
+            })
+        })
+        .transpose()
+    }
+
+    async fn risk_profile(
+        &self,
+        customer: &CustomerId,
+        payee: &PayeeId,
+        velocity_since_ms: i64,
+    ) -> Result<Option<RiskProfile>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT a.recent_disputes, a.device_change, a.home_country,
+                        EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = $1 AND k.payee_id = $2),
+                        (SELECT count(*) FROM decisions d WHERE d.customer_id = $1 AND d.created_ms >= $3)
+                 FROM accounts a WHERE a.customer_id = $1",
+            )
+            .await
+            .map_err(db_error)?;
+        let row = client
+            .query_opt(
+                &stmt,
+                &[&customer.as_str(), &payee.as_str(), &velocity_since_ms],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.map(|r| RiskProfile {
+            recent_disputes: u32::try_from(r.get::<_, i32>(0)).unwrap_or(0),
+            device_change: r.get(1),
+            home_country: r.get(2),
+            known_payee: r.get(3),
+            recent_payments: u32::try_from(r.get::<_, i64>(4)).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn commit_decision(&self, rec: DecisionRecord) -> Result<CommitOutcome, StoreError> {
+        let scope = rec.scope.clone();
+        // The handler always claims first; a caller that did not gets a claim here, so the
+        // database's unique key still decides who commits.
+        let (token, _claim) = match self.claim_token(&rec.scope) {
+            Some(token) => (token, None),
+            None => match self
+                .begin_idempotent(&rec.scope, &rec.fingerprint, rec.now_ms)
+                .await?
+            {
+                Begin::Fresh(claim) => match self.claim_token(&rec.scope) {
+                    Some(token) => (token, Some(claim)),
+                    None => return Ok(CommitOutcome::Duplicate),
+                },
+                _ => return Ok(CommitOutcome::Duplicate),
+            },
+        };
+
+        let outcome = if rec.outcome.decision == Decision::Allow {
+            let body = rec.response_body();
+            let client = self.client().await?;
+            let (claimed, completed) = Self::run_allow(&client, &rec, &token, &body).await?;
+            drop(client);
+            match (claimed, completed) {
+                (false, _) => CommitOutcome::Duplicate,
+                (true, true) => committed(rec, body, true),
+                (true, false) => self.commit_refused(rec, &token).await?,
+            }
+        } else {
+            let body = rec.response_body();
+            let client = self.client().await?;
+            if Self::run_not_allow(&client, &rec, &token, &body).await? {
+                committed(rec, body, false)
+            } else {
+                CommitOutcome::Duplicate
+            }
+        };
+        // Completed, or lost to another owner: either way the row needs no releasing.
+        self.settle_claim(&scope, &token);
+        Ok(outcome)
+    }
+
+    async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let mut total = 0;
+        loop {
+            // Small slices keep each statement short. Expired in-progress claims go too:
+            // their lease is over, so nobody may rely on them any more.
+            let n = client
+                .execute(
+                    "DELETE FROM idempotency WHERE ctid = ANY (ARRAY (
+                         SELECT ctid FROM idempotency WHERE expires_ms <= $1 LIMIT 5000))",
+                    &[&now_ms],
+                )
+                .await
+                .map_err(db_error)?;
+            total += n;
+            if n < 5000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn seed_if_empty(&self, customers: &[CustomerFixture]) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        // Instances starting together would otherwise both see an empty table.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .await
+            .map_err(db_error)?;
+        let existing: i64 = tx
+            .query_one("SELECT count(*) FROM accounts", &[])
+            .await
+            .map_err(db_error)?
+            .get(0);
+        if existing > 0 {
+            return Ok(0);
+        }
+        let account = tx
+            .prepare(
+                "INSERT INTO accounts (customer_id, currency, balance_minor, recent_disputes, device_change, home_country)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await
+            .map_err(db_error)?;
+        let payee = tx
+            .prepare("INSERT INTO known_payees (customer_id, payee_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .await
+            .map_err(db_error)?;
+        for c in customers {
+            let disputes = i32::try_from(c.recent_disputes).unwrap_or(i32::MAX);
+            tx.execute(
+                &account,
+                &[
+                    &c.customer.as_str(),
+                    &c.balance.currency().code(),
+                    &c.balance.minor(),
+                    &disputes,
+                    &c.device_change,
+                    &c.home_country,
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+            for p in &c.known_payees {
+                tx.execute(&payee, &[&c.customer.as_str(), &p.as_str()])
+                    .await
+                    .map_err(db_error)?;
+            }
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(customers.len())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close();
+    }
+}
+
+/// `url` with its database name replaced by `database`.
+fn with_database(url: &str, database: &str) -> anyhow::Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let Some(scheme_end) = base.find("://") else {
+        anyhow::bail!("expected a postgres:// URL");
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = base[authority_start..]
+        .find('/')
+        .map(|i| authority_start + i)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..authority_end], database);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Ok(out)
+}
+
+/// Test databases older than this are dropped by the next test run.
+const STALE_TEST_DATABASE_SECS: u64 = 3_600;
+
+/// Creates an empty database on the server of `base_url` and returns its URL. Databases
+/// this made more than an hour ago are dropped on the way, so test runs do not pile up.
+pub async fn create_test_database(base_url: &str) -> anyhow::Result<String> {
+    let (client, connection) = tokio_postgres::connect(base_url, NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at the test URL: {e}"))?;
+    let connection = tokio::spawn(connection);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let name = format!(
+        "paynow_test_{now}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+
+    let stale = client
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'paynow\\_test\\_%'",
+            &[],
+        )
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .filter(|n| {
+                    n.split('_')
+                        .nth(2)
+                        .and_then(|t| t.parse::<u64>().ok())
+                        .is_some_and(|t| t + STALE_TEST_DATABASE_SECS < now)
+                })
+                .collect::<Vec<String>>()
+        })
+        .unwrap_or_default();
+    for old in stale {
+        // Best effort: another run may be dropping the same one.
+        let _ = client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {old} WITH (FORCE)"))
+            .await;
+    }
+    drop(client);
+    let _ = connection.await;
+    with_database(base_url, &name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_name_is_replaced_in_urls() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/test", "x").unwrap(),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            with_database("postgresql://u:p@h/db?sslmode=disable", "x").unwrap(),
+            "postgresql://u:p@h/x?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h:5432", "x").unwrap(),
+            "postgres://h:5432/x"
+        );
+    }
+
+    #[test]
+    fn only_postgres_schemes_are_postgres() {
+        assert!(is_postgres_url("postgres://h/db"));
+        assert!(is_postgres_url("postgresql://h/db"));
+        assert!(!is_postgres_url("sqlite://paynow.db"));
+    }
+}
