@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::ratelimit::DynLimiter;
 use crate::ratelimit::memory::MemoryLimiter;
+use crate::ratelimit::redis::RedisLimiter;
 use crate::{fixtures, store};
 
 /// How often expired idempotency records are purged.
@@ -32,6 +33,17 @@ fn fault_for<'a>(faults: &'a [(String, Fault)], tool: &str) -> Option<&'a Fault>
 pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     let policy = Arc::new(Policy::load(config.policy.as_deref())?);
     let customers = fixtures::load(config.fixtures.as_deref())?;
+    let metrics = Arc::new(Metrics::new());
+    // Before the store: a bad REDIS_URL fails start-up before anything touches the database.
+    let limiter: DynLimiter = match &config.redis_url {
+        Some(url) => Arc::new(RedisLimiter::new(
+            url,
+            &config.redis_key_prefix,
+            config.rate_limit,
+            metrics.clone(),
+        )?),
+        None => Arc::new(MemoryLimiter::new(config.rate_limit)),
+    };
     let store = store::open_with(
         &config.database_url,
         store::postgres::PostgresOptions {
@@ -54,8 +66,6 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         risk = Arc::new(WithFault::new(risk, fault.clone()));
     }
     let agent = Arc::new(Agent::new(policy, balance, risk));
-    let limiter: DynLimiter = Arc::new(MemoryLimiter::new(config.rate_limit));
-    let metrics = Arc::new(Metrics::new());
 
     tracing::info!(
         event = "paynow.starting",

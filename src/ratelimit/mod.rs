@@ -4,9 +4,12 @@
 //! Each customer has a token bucket of `burst` tokens refilled at `rps` per second. Every
 //! decide request (replays included) takes one token after its body is validated; an empty
 //! bucket answers 429 with `Retry-After` and the `RateLimit-*` headers. The in-process limiter
-//! ([`memory::MemoryLimiter`]) is exact for one instance.
+//! ([`memory::MemoryLimiter`]) is exact for one instance; with `REDIS_URL`,
+//! [`redis::RedisLimiter`] makes the limit global across instances, falling back to the
+//! in-process one while Redis is unreachable.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
