@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::domain::{Decision, Payment, Reason, RequestId, TraceStep, format_minor};
 use crate::policy::{Policy, ToolPolicy};
-use crate::store::Account;
+use crate::store::{Account, RiskProfile};
 use rules::{Facts, Fetched};
 use tools::{BalanceTool, RiskTool, Tool, ToolError};
 
@@ -142,23 +142,68 @@ async fn call_with_retries<T: Send>(
     }
 }
 
-fn tool_step<T>(
-    name: &str,
-    called: &Called<T>,
-    detail: String,
-    data: Option<serde_json::Value>,
-) -> TraceStep {
-    TraceStep {
+/// How a tool's answer reads in the trace: a detail line and the structured facts.
+trait Describe {
+    /// The detail when the tool found nothing for the customer.
+    const MISSING: &'static str;
+    fn describe(&self) -> (String, serde_json::Value);
+}
+
+impl Describe for Account {
+    const MISSING: &'static str = "no account for customer";
+    fn describe(&self) -> (String, serde_json::Value) {
+        let exp = self.balance.currency().exponent();
+        let data = json!({
+            "currency": self.balance.currency().code(),
+            "reserved": format_minor(self.reserved_minor, exp),
+            "available": format_minor(self.available_minor(), exp),
+        });
+        (format!("balance={}", self.balance), data)
+    }
+}
+
+impl Describe for RiskProfile {
+    const MISSING: &'static str = "no risk profile for customer";
+    fn describe(&self) -> (String, serde_json::Value) {
+        let detail = format!(
+            "recent_disputes={}, device_change={}",
+            self.recent_disputes, self.device_change
+        );
+        let data = json!({
+            "knownPayee": self.known_payee,
+            "recentPayments": self.recent_payments,
+        });
+        (detail, data)
+    }
+}
+
+/// Writes a tool's answer to the trace and turns it into a fact for the rules.
+fn record<'a, T: Describe>(
+    name: &'static str,
+    called: &'a Called<Option<T>>,
+    trace: &mut Vec<TraceStep>,
+    failed_tools: &mut Vec<&'static str>,
+) -> Fetched<'a, T> {
+    let (detail, data, fetched) = match &called.result {
+        Ok(Some(found)) => {
+            let (detail, data) = found.describe();
+            (detail, Some(data), Fetched::Found(found))
+        }
+        Ok(None) => (T::MISSING.to_owned(), None, Fetched::Missing),
+        Err(e) => {
+            failed_tools.push(name);
+            let detail = format!("unavailable after {} attempts: {e}", called.attempts);
+            (detail, None, Fetched::Unavailable)
+        }
+    };
+    trace.push(TraceStep {
         step: format!("tool:{name}"),
         detail,
         duration_us: Some(called.elapsed_us),
         attempts: Some(called.attempts),
         data,
-    }
-}
-
-fn balance_detail(account: &Account) -> String {
-    format!("balance={}", account.balance)
+    });
+    fetched
 }
 
 impl Agent {
@@ -186,77 +231,8 @@ impl Agent {
             call_with_retries(&*self.risk, limits, payment, since_ms),
         );
 
-        let account = match &balance.result {
-            Ok(Some(account)) => {
-                let data = json!({
-                    "currency": account.balance.currency().code(),
-                    "reserved": format_minor(account.reserved_minor, account.balance.currency().exponent()),
-                    "available": format_minor(account.available_minor(), account.balance.currency().exponent()),
-                });
-                trace.push(tool_step(
-                    self.balance.name(),
-                    &balance,
-                    balance_detail(account),
-                    Some(data),
-                ));
-                Fetched::Found(account)
-            }
-            Ok(None) => {
-                trace.push(tool_step(
-                    self.balance.name(),
-                    &balance,
-                    "no account for customer".into(),
-                    None,
-                ));
-                Fetched::Missing
-            }
-            Err(e) => {
-                failed_tools.push(self.balance.name());
-                trace.push(tool_step(
-                    self.balance.name(),
-                    &balance,
-                    format!("unavailable after {} attempts: {e}", balance.attempts),
-                    None,
-                ));
-                Fetched::Unavailable
-            }
-        };
-        let signals = match &risk.result {
-            Ok(Some(profile)) => {
-                trace.push(tool_step(
-                    self.risk.name(),
-                    &risk,
-                    format!(
-                        "recent_disputes={}, device_change={}",
-                        profile.recent_disputes, profile.device_change
-                    ),
-                    Some(json!({
-                        "knownPayee": profile.known_payee,
-                        "recentPayments": profile.recent_payments,
-                    })),
-                ));
-                Fetched::Found(profile)
-            }
-            Ok(None) => {
-                trace.push(tool_step(
-                    self.risk.name(),
-                    &risk,
-                    "no risk profile for customer".into(),
-                    None,
-                ));
-                Fetched::Missing
-            }
-            Err(e) => {
-                failed_tools.push(self.risk.name());
-                trace.push(tool_step(
-                    self.risk.name(),
-                    &risk,
-                    format!("unavailable after {} attempts: {e}", risk.attempts),
-                    None,
-                ));
-                Fetched::Unavailable
-            }
-        };
+        let account = record(self.balance.name(), &balance, &mut trace, &mut failed_tools);
+        let signals = record(self.risk.name(), &risk, &mut trace, &mut failed_tools);
 
         let facts = Facts {
             payment,
