@@ -14,6 +14,7 @@ crate::on_every_backend!(
     a_failing_risk_tool_fails_safe_to_review,
     a_timing_out_balance_tool_fails_safe_to_review,
     a_transient_tool_failure_is_retried,
+    a_request_past_its_deadline_answers_503,
 );
 
 fn steps(body: &Value) -> Vec<(String, String)> {
@@ -303,5 +304,19 @@ async fn a_transient_tool_failure_is_retried(backend: Backend) {
     let balance = &body["agentTrace"][1];
     assert_eq!(balance["step"], "tool:getBalance");
     assert_eq!(balance["attempts"], 2);
+    app.stop().await;
+}
+
+async fn a_request_past_its_deadline_answers_503(backend: Backend) {
+    let app = spawn_with(backend, |c| {
+        c.request_timeout = std::time::Duration::from_millis(100);
+        c.faults = paynow::agent::tools::parse_faults("getBalance=slow:200").unwrap();
+    })
+    .await;
+    let body = payment("c_456", "10.00", "p_789");
+    let (status, problem) = app.decide_json(&body).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(problem["code"], "request_timeout");
+    assert!(problem["requestId"].as_str().unwrap().starts_with("req_"));
     app.stop().await;
 }
