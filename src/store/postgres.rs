@@ -548,6 +548,8 @@ impl Store for PostgresStore {
             }
             return Ok(Begin::Fresh(claim));
         }
+        // Someone else holds the key: nothing of ours to release.
+        self.settle_claim(scope, &token);
         drop(claim);
         if state != "completed" {
             return Ok(Begin::InProgress);

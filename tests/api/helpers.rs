@@ -75,8 +75,118 @@ pub async fn spawn_with(backend: Backend, customize: impl FnOnce(&mut Config)) -
     let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
     let database_url = backend.fresh_database(dir.path()).await;
     let mut config = Config::with_key(API_KEY, &database_url).expect("valid config");
+    if REDIS_LIMITER.try_with(|on| *on).unwrap_or(false) {
+        use_redis(&mut config, &redis_url());
+    }
     customize(&mut config);
     start(config, dir).await
+}
+
+tokio::task_local! {
+    /// Set for the `redis_limiter` runs of `on_every_backend!`: servers the test starts use
+    /// the Redis limiter.
+    pub static REDIS_LIMITER: bool;
+}
+
+/// Whether tests can use the Redis at `PAYNOW_TEST_REDIS_URL`; explains itself when they
+/// cannot. In CI (`CI=true`) a missing URL fails the test instead of skipping it.
+pub fn redis_available() -> bool {
+    let ok = std::env::var("PAYNOW_TEST_REDIS_URL").is_ok_and(|u| !u.is_empty());
+    if !ok {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must set PAYNOW_TEST_REDIS_URL (see .ci/run)"
+        );
+        eprintln!("SKIPPED: PAYNOW_TEST_REDIS_URL is not set; this Redis test did not run");
+    }
+    ok
+}
+
+pub fn redis_url() -> String {
+    std::env::var("PAYNOW_TEST_REDIS_URL").expect("checked by redis_available()")
+}
+
+/// Points the rate limiter at Redis, under a key prefix of its own so that tests sharing
+/// one Redis (and customer ids) never share buckets.
+pub fn use_redis(config: &mut Config, url: &str) {
+    config.redis_url = Some(url.to_owned());
+    config.redis_key_prefix = format!("paynow:test:{}:", uuid::Uuid::new_v4().simple());
+}
+
+/// A `redis-server` of the test's own on a free loopback port, which the test may kill and
+/// start again. Killed when dropped.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    /// `None` (after saying so) when `redis-server` is not installed; in CI that fails.
+    pub async fn start() -> Option<PrivateRedis> {
+        let installed = std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI needs redis-server on PATH for this test"
+            );
+            eprintln!("SKIPPED: redis-server is not installed; this test did not run");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut redis = PrivateRedis { port, child: None };
+        redis.restart().await;
+        Some(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again, on the same port) and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).expect("valid URL");
+        for _ in 0..100 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    /// `kill -9`: the server vanishes mid-conversation.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// Starts a server on an existing configuration (e.g. a restart on the same database).
@@ -179,7 +289,8 @@ pub fn no_rate_limit(config: &mut Config) {
     config.rate_limit = paynow::ratelimit::Quota::new(100_000, 100_000).expect("valid quota");
 }
 
-/// Generates, for each listed `async fn name(backend: Backend)`, one test per backend.
+/// Generates, for each listed `async fn name(backend: Backend)`, one test per backend, and
+/// one more on SQLite with the Redis rate limiter (`redis_limiter::name`).
 #[macro_export]
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
@@ -197,6 +308,18 @@ macro_rules! on_every_backend {
                 async fn $name() {
                     if $crate::helpers::Backend::Postgres.available() {
                         super::$name($crate::helpers::Backend::Postgres).await
+                    }
+                }
+            )*
+        }
+        mod redis_limiter {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if $crate::helpers::redis_available() {
+                        $crate::helpers::REDIS_LIMITER
+                            .scope(true, super::$name($crate::helpers::Backend::Sqlite))
+                            .await
                     }
                 }
             )*

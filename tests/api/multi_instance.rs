@@ -1,0 +1,453 @@
+//! Several instances behind a load balancer: two servers on one PostgreSQL database and one
+//! Redis, driven at once. Each test fails if the guarantee it names breaks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use paynow::Config;
+use paynow::agent::Outcome;
+use paynow::domain::{
+    Currency, CustomerId, Decision, IdempotencyKey, Money, PayeeId, Payment, RequestId, TraceStep,
+};
+use paynow::store::postgres::PostgresOptions;
+use paynow::store::{Begin, CommitOutcome, DecisionRecord, IdempotencyScope, now_ms};
+use serde_json::Value;
+
+use crate::helpers::{
+    API_KEY, Backend, PrivateRedis, TestApp, no_rate_limit, payment, redis_available, redis_url,
+    start, use_redis,
+};
+
+/// Both PostgreSQL and Redis are needed; says so (or fails in CI) when one is missing.
+fn servers_available() -> bool {
+    Backend::Postgres.available() && redis_available()
+}
+
+/// Two instances on one fresh PostgreSQL database, both limited through `redis`.
+async fn two_instances(redis: &str, customize: impl FnOnce(&mut Config)) -> (TestApp, TestApp) {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let database_url = Backend::Postgres.fresh_database(dir.path()).await;
+    let mut config = Config::with_key(API_KEY, &database_url).unwrap();
+    use_redis(&mut config, redis);
+    customize(&mut config);
+    let a = start(config.clone(), dir.clone()).await;
+    let b = start(config, dir).await;
+    (a, b)
+}
+
+/// How many rate-limit checks `app` answered from its local limiter.
+async fn fallbacks(app: &TestApp) -> u64 {
+    let metrics: Value = app.get("/metrics").await.json().await.unwrap();
+    metrics["rate_limiter_fallbacks"].as_u64().unwrap()
+}
+
+async fn query_i64(database_url: &str, sql: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_payments_on_two_instances_never_reserve_more_than_the_balance() {
+    if !servers_available() {
+        return;
+    }
+    let (a, b) = two_instances(&redis_url(), no_rate_limit).await;
+    // c_456 holds 1000.00: ten payments of 300.00, half on each instance, all at once. Few
+    // enough that the velocity rule stays quiet, so every refusal is for the funds.
+    let sends = (0..10).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        async move { app.decide_json(&payment("c_456", "300.00", "p_789")).await }
+    });
+    let answers = futures::future::join_all(sends).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+    }
+    let allowed = answers
+        .iter()
+        .filter(|(_, b)| b["decision"] == "allow")
+        .count();
+    assert_eq!(allowed, 3, "exactly what the balance covers is allowed");
+    for (_, body) in answers.iter().filter(|(_, b)| b["decision"] != "allow") {
+        assert_eq!(body["decision"], "block", "{body}");
+        assert_eq!(body["reasons"][0], "insufficient_funds", "{body}");
+    }
+    let url = &a.config.database_url;
+    let reserved = query_i64(
+        url,
+        "SELECT reserved_minor FROM accounts WHERE customer_id = 'c_456'",
+    )
+    .await;
+    assert_eq!(
+        reserved, 90_000,
+        "the database holds exactly three reservations"
+    );
+    let held = query_i64(
+        url,
+        "SELECT coalesce(sum(amount_minor), 0)::bigint FROM reservations WHERE customer_id = 'c_456'",
+    )
+    .await;
+    assert_eq!(held, reserved, "reservations and the account agree");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_sent_to_both_instances_executes_once() {
+    if !servers_available() {
+        return;
+    }
+    let (a, b) = two_instances(&redis_url(), no_rate_limit).await;
+    for round in 0..3 {
+        let body = payment("c_456", "100.00", "p_789");
+        let sends = (0..16).map(|i| {
+            let app = if i % 2 == 0 { &a } else { &b };
+            let body = body.clone();
+            async move {
+                let res = app.decide(&body).await;
+                let status = res.status().as_u16();
+                (status, res.bytes().await.unwrap())
+            }
+        });
+        let answers = futures::future::join_all(sends).await;
+        let decided: Vec<_> = answers.iter().filter(|(s, _)| *s == 200).collect();
+        assert!(!decided.is_empty(), "round {round}: someone decided");
+        for (status, body) in &answers {
+            assert!(
+                *status == 200 || *status == 409,
+                "round {round}: {status} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        for (_, body) in &decided {
+            assert_eq!(
+                body, &decided[0].1,
+                "round {round}: every 200 is the one stored answer"
+            );
+        }
+        let first: Value = serde_json::from_slice(&decided[0].1).unwrap();
+        assert_eq!(first["decision"], "allow", "{first}");
+        // After the dust settles both instances replay the same bytes.
+        for app in [&a, &b] {
+            let res = app.decide(&body).await;
+            assert_eq!(res.status(), 200);
+            assert_eq!(res.headers()["idempotent-replayed"], "true");
+            assert_eq!(res.bytes().await.unwrap(), decided[0].1);
+        }
+    }
+    let url = &a.config.database_url;
+    assert_eq!(
+        query_i64(
+            url,
+            "SELECT count(*) FROM decisions WHERE customer_id = 'c_456'"
+        )
+        .await,
+        3,
+        "one execution per key"
+    );
+    assert_eq!(
+        query_i64(
+            url,
+            "SELECT reserved_minor FROM accounts WHERE customer_id = 'c_456'"
+        )
+        .await,
+        30_000,
+        "one reservation per key"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_holds_across_both_instances() {
+    if !servers_available() {
+        return;
+    }
+    // A bucket of 4 refilled once a second: two in-process limiters would let 8 through.
+    let (a, b) = two_instances(&redis_url(), |c| {
+        c.rate_limit = paynow::ratelimit::Quota::new(1, 4).unwrap();
+    })
+    .await;
+    let mut allowed = 0;
+    let mut limited = 0;
+    for i in 0..8 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        match app
+            .decide(&payment("c_rich", "1.00", "p_789"))
+            .await
+            .status()
+            .as_u16()
+        {
+            200 => allowed += 1,
+            429 => limited += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // One token may come back while the requests run.
+    assert!(
+        (4..=5).contains(&allowed),
+        "{allowed} of 8 allowed: the bucket is not global"
+    );
+    assert_eq!(allowed + limited, 8);
+    for app in [&a, &b] {
+        let metrics: Value = app.get("/metrics").await.json().await.unwrap();
+        assert_eq!(
+            metrics["rate_limiter_fallbacks"], 0,
+            "Redis answered every check"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_keep_being_answered_when_redis_stops_mid_run() {
+    if !Backend::Postgres.available() {
+        return;
+    }
+    let Some(mut redis) = PrivateRedis::start().await else {
+        return;
+    };
+    let (a, b) = two_instances(&redis.url(), |c| {
+        c.rate_limit = paynow::ratelimit::Quota::new(50, 50).unwrap();
+    })
+    .await;
+    let customers = ["c_rich", "c_456", "c_newdev", "c_eur"];
+    let run = |round: usize| {
+        let (a, b) = (&a, &b);
+        async move {
+            let sends = (0..24).map(|i| {
+                let app = if i % 2 == 0 { a } else { b };
+                let customer = customers[i % customers.len()];
+                async move {
+                    app.decide(&payment(customer, "1.00", "p_789"))
+                        .await
+                        .status()
+                        .as_u16()
+                }
+            });
+            for status in futures::future::join_all(sends).await {
+                assert!(
+                    status == 200 || status == 429,
+                    "round {round}: answered {status}"
+                );
+            }
+        }
+    };
+    run(0).await;
+    assert_eq!(fallbacks(&a).await + fallbacks(&b).await, 0);
+
+    redis.kill();
+    for round in 1..4 {
+        run(round).await;
+    }
+    assert!(
+        fallbacks(&a).await > 0 && fallbacks(&b).await > 0,
+        "both instances answered from their local limiter"
+    );
+    let ready: Value = a
+        .client
+        .get(a.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert!(
+        ready["rate_limiter"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{ready}"
+    );
+
+    // Redis returns: both instances go back to it.
+    redis.restart().await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let before = (fallbacks(&a).await, fallbacks(&b).await);
+    run(4).await;
+    assert_eq!(
+        (fallbacks(&a).await, fallbacks(&b).await),
+        before,
+        "checks went back to Redis"
+    );
+    let ready: Value = b
+        .client
+        .get(b.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["rate_limiter"], "ok", "{ready}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A record an instance would commit for `payment` under `scope`.
+fn allow_record(
+    scope: &IdempotencyScope,
+    payment: &Payment,
+    fingerprint: [u8; 32],
+) -> DecisionRecord {
+    let now = now_ms();
+    DecisionRecord {
+        scope: scope.clone(),
+        fingerprint,
+        request_id: RequestId::generate(),
+        payment: payment.clone(),
+        outcome: Outcome {
+            decision: Decision::Allow,
+            reasons: Vec::new(),
+            trace: vec![TraceStep::new("plan", "Check balance, risk, and limits")],
+            failed_tools: Vec::new(),
+        },
+        reservation_id: paynow::domain::new_id("res"),
+        case_id: paynow::domain::new_id("case"),
+        now_ms: now,
+        idempotency_expires_ms: now + 86_400_000,
+        daily_limit_minor: 1_000_000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lease() {
+    if !Backend::Postgres.available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = Backend::Postgres.fresh_database(dir.path()).await;
+    let options = PostgresOptions {
+        claim_lease: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let first = paynow::store::open_with(&url, options.clone())
+        .await
+        .unwrap();
+    let second = paynow::store::open_with(&url, options).await.unwrap();
+    first
+        .seed_if_empty(&paynow::fixtures::load(None).unwrap())
+        .await
+        .unwrap();
+
+    let scope = IdempotencyScope {
+        caller: Arc::from("key-test"),
+        key: IdempotencyKey::parse("crash-1").unwrap(),
+    };
+    let payment = Payment {
+        customer: CustomerId::parse("c_456").unwrap(),
+        payee: PayeeId::parse("p_789").unwrap(),
+        amount: Money::parse("100.00", Currency::parse("USD").unwrap()).unwrap(),
+        device_id: None,
+        ip_country: None,
+    };
+    let fingerprint = payment.fingerprint();
+
+    // The first instance claims the key, then stalls (or dies) without releasing it.
+    let Begin::Fresh(stalled) = first
+        .begin_idempotent(&scope, &fingerprint, now_ms())
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is fresh");
+    };
+    std::mem::forget(stalled);
+    assert!(matches!(
+        second
+            .begin_idempotent(&scope, &fingerprint, now_ms())
+            .await
+            .unwrap(),
+        Begin::InProgress
+    ));
+
+    // After the lease the key is free for the other instance, which decides.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let Begin::Fresh(claim) = second
+        .begin_idempotent(&scope, &fingerprint, now_ms())
+        .await
+        .unwrap()
+    else {
+        panic!("an expired claim is taken over");
+    };
+    match second
+        .commit_decision(allow_record(&scope, &payment, fingerprint))
+        .await
+        .unwrap()
+    {
+        CommitOutcome::Committed(c) => assert_eq!(c.outcome.decision, Decision::Allow),
+        CommitOutcome::Duplicate => panic!("the new owner commits"),
+    }
+    drop(claim);
+
+    // The stalled instance wakes up and tries to commit: its claim is no longer its own.
+    assert!(matches!(
+        first
+            .commit_decision(allow_record(&scope, &payment, fingerprint))
+            .await
+            .unwrap(),
+        CommitOutcome::Duplicate
+    ));
+    let account = first.account(&payment.customer).await.unwrap().unwrap();
+    assert_eq!(account.reserved_minor, 10_000, "reserved once, not twice");
+    assert!(matches!(
+        first
+            .begin_idempotent(&scope, &fingerprint, now_ms())
+            .await
+            .unwrap(),
+        Begin::Replay(_)
+    ));
+    first.close().await;
+    second.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_released_without_commit_frees_its_key_at_once() {
+    if !Backend::Postgres.available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = Backend::Postgres.fresh_database(dir.path()).await;
+    // A long lease: only the release can free the key within this test.
+    let options = PostgresOptions {
+        claim_lease: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let first = paynow::store::open_with(&url, options.clone())
+        .await
+        .unwrap();
+    let second = paynow::store::open_with(&url, options).await.unwrap();
+    let scope = IdempotencyScope {
+        caller: Arc::from("key-test"),
+        key: IdempotencyKey::parse("released-1").unwrap(),
+    };
+    let fingerprint = [7u8; 32];
+    let Begin::Fresh(claim) = first
+        .begin_idempotent(&scope, &fingerprint, now_ms())
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is fresh");
+    };
+    // E.g. the request timed out before commit.
+    drop(claim);
+    let mut freed = false;
+    for _ in 0..40 {
+        if let Begin::Fresh(_) = second
+            .begin_idempotent(&scope, &fingerprint, now_ms())
+            .await
+            .unwrap()
+        {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(freed, "the released key was still blocked after 2 s");
+    first.close().await;
+    second.close().await;
+}
