@@ -524,7 +524,14 @@ impl Store for PostgresStore {
         // From here on the claim exists locally; dropping it (early return included)
         // releases whatever the database holds.
         let claim = self.release(key, token.clone(), scope.clone());
-        let client = self.client().await?;
+        let client = match self.client().await {
+            Ok(client) => client,
+            Err(e) => {
+                // Nothing reached the database, so there is nothing to release there.
+                self.settle_claim(scope, &token);
+                return Err(e);
+            }
+        };
         let stmt = client.prepare_cached(BEGIN).await.map_err(db_error)?;
         let row = client
             .query_one(

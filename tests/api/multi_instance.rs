@@ -451,3 +451,66 @@ async fn a_claim_released_without_commit_frees_its_key_at_once() {
     first.close().await;
     second.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_goes_away_gets_503s_and_nothing_half_written() {
+    if !Backend::Postgres.available() {
+        return;
+    }
+    let app = crate::helpers::spawn_with(Backend::Postgres, no_rate_limit).await;
+    let url = app.config.database_url.clone();
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    let admin = std::env::var("PAYNOW_TEST_POSTGRES_URL").unwrap();
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    assert_eq!(
+        app.decide(&payment("c_456", "100.00", "p_789"))
+            .await
+            .status(),
+        200
+    );
+
+    // Cut every connection and refuse new ones: the server is gone as far as PayNow knows.
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{name}' AND pid <> pg_backend_pid();"
+        ))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let res = app.decide(&payment("c_456", "100.00", "p_789")).await;
+        assert_eq!(res.status(), 503);
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["code"], "storage_unavailable", "{problem}");
+    }
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+
+    client
+        .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    let body = payment("c_456", "100.00", "p_789");
+    let (status, answer) = app.decide_json(&body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["decision"], "allow", "{answer}");
+    // Two allows were answered, so exactly two reservations exist: the 503s wrote nothing.
+    assert_eq!(
+        query_i64(
+            &url,
+            "SELECT reserved_minor FROM accounts WHERE customer_id = 'c_456'"
+        )
+        .await,
+        20_000
+    );
+    assert_eq!(
+        query_i64(&url, "SELECT count(*) FROM decisions").await,
+        2,
+        "no decision without an answer"
+    );
+    app.stop().await;
+}
