@@ -11,12 +11,14 @@
 //! The common case, an `allow` whose funds are still there, is one statement: a chain of
 //! CTEs that locks this request's idempotency claim, reserves, inserts the reservation, the
 //! decision and the known payee, and completes the idempotency record. A single statement is
-//! one transaction and one round trip (measured about twice as fast as BEGIN, UPDATE,
-//! INSERT…, COMMIT). Every step after the claim reads the previous one's `RETURNING`, so when
-//! the claim is gone or the funds are not there, the statement writes nothing. `review` and
-//! `block` are one statement too. Only an `allow` refused at commit takes a transaction of
-//! its own: it reads the account under a row lock, so the `commit` trace step states the
-//! balance that refused it, and writes the block and its case.
+//! one transaction and one round trip: with pgbench on this schema (16 clients, 2 cores) it
+//! carried about 1.6 times the decisions per second of the same writes sent as BEGIN,
+//! SELECT … FOR UPDATE, UPDATE, INSERT…, COMMIT. Every step after the claim reads the
+//! previous one's `RETURNING`, so when the claim is gone or the funds are not there, the
+//! statement writes nothing. `review` and `block` are one statement too. Only an `allow`
+//! refused at commit takes a transaction of its own: it reads the account under a row lock,
+//! so the `commit` trace step states the balance that refused it, and writes the block and
+//! its case.
 //!
 //! # Idempotency across instances
 //! [`Store::begin_idempotent`] inserts the key as `in_progress` with a random owner token and
