@@ -30,8 +30,8 @@ impl Backend {
                         std::env::var("CI").is_err(),
                         "CI must set PAYNOW_TEST_POSTGRES_URL (see .ci/run)"
                     );
-                    eprintln!(
-                        "SKIPPED: PAYNOW_TEST_POSTGRES_URL is not set; this PostgreSQL test did not run"
+                    say_skipped(
+                        "SKIPPED: PAYNOW_TEST_POSTGRES_URL is not set; the PostgreSQL tests did not run",
                     );
                 }
                 ok
@@ -82,6 +82,19 @@ pub async fn spawn_with(backend: Backend, customize: impl FnOnce(&mut Config)) -
     start(config, dir).await
 }
 
+/// Says, once per test run, that a group of tests did not run. Written to the process's
+/// stderr directly: the test harness captures `eprintln!` of passing tests, and a skip must
+/// be seen.
+pub fn say_skipped(message: &'static str) {
+    use std::io::Write;
+    static SAID: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if !said.contains(&message) {
+        said.push(message);
+        let _ = writeln!(std::io::stderr(), "{message}");
+    }
+}
+
 tokio::task_local! {
     /// Set for the `redis_limiter` runs of `on_every_backend!`: servers the test starts use
     /// the Redis limiter.
@@ -97,7 +110,7 @@ pub fn redis_available() -> bool {
             std::env::var("CI").is_err(),
             "CI must set PAYNOW_TEST_REDIS_URL (see .ci/run)"
         );
-        eprintln!("SKIPPED: PAYNOW_TEST_REDIS_URL is not set; this Redis test did not run");
+        say_skipped("SKIPPED: PAYNOW_TEST_REDIS_URL is not set; the Redis tests did not run");
     }
     ok
 }
@@ -132,7 +145,9 @@ impl PrivateRedis {
                 std::env::var("CI").is_err(),
                 "CI needs redis-server on PATH for this test"
             );
-            eprintln!("SKIPPED: redis-server is not installed; this test did not run");
+            say_skipped(
+                "SKIPPED: redis-server is not installed; the tests that stop Redis did not run",
+            );
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
