@@ -239,6 +239,28 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn serve_args(flags: &[&str]) -> ServeArgs {
+        use clap::Parser;
+        let argv = ["paynow", "--api-key", "local-dev-key"].iter().chain(flags);
+        crate::cli::Cli::try_parse_from(argv).unwrap().serve
+    }
+
+    #[test]
+    fn the_multi_instance_settings_are_checked_at_start() {
+        let ok = Config::from_args(&serve_args(&[
+            "--db-pool-size",
+            "4",
+            "--redis-key-prefix",
+            "x:",
+        ]))
+        .unwrap();
+        assert_eq!((ok.db_pool_size, ok.redis_key_prefix.as_str()), (4, "x:"));
+        let err = Config::from_args(&serve_args(&["--db-pool-size", "0"])).unwrap_err();
+        assert!(err.contains("PAYNOW_DB_POOL_SIZE"), "{err}");
+        let err = Config::from_args(&serve_args(&["--redis-key-prefix", ""])).unwrap_err();
+        assert!(err.contains("PAYNOW_REDIS_KEY_PREFIX"), "{err}");
+    }
+
     #[test]
     fn keys_are_parsed_with_optional_names() {
         let keys = ApiKeys::parse(

@@ -888,6 +888,20 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_malformed_postgres_url_fails_at_start_naming_the_variable() {
+        let err = crate::store::open("postgres://host:notaport/db")
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+        let err = crate::store::open("mysql://host/db")
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
     #[test]
     fn only_postgres_schemes_are_postgres() {
         assert!(is_postgres_url("postgres://h/db"));
