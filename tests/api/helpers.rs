@@ -111,8 +111,21 @@ pub fn redis_available() -> bool {
             "CI must set PAYNOW_TEST_REDIS_URL (see .ci/run)"
         );
         say_skipped("SKIPPED: PAYNOW_TEST_REDIS_URL is not set; the Redis tests did not run");
+        return false;
     }
-    ok
+    // The limiter would quietly fall back to memory, and the Redis runs would prove nothing.
+    static ANSWERS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let answers = *ANSWERS.get_or_init(|| {
+        redis::Client::open(redis_url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok()
+    });
+    assert!(
+        answers,
+        "PAYNOW_TEST_REDIS_URL is set but Redis does not answer there"
+    );
+    true
 }
 
 pub fn redis_url() -> String {
