@@ -18,11 +18,19 @@
 //! # Durability
 //! WAL journal, `synchronous=FULL`: an answered decision survives a crash of the process and
 //! of the machine. `busy_timeout` covers the rare checkpoint that makes a reader wait.
+//!
+//! # Checkpoints
+//! A thread of its own copies the WAL back into the database file every
+//! [`CHECKPOINT_EVERY`]. Left to the writer, the commit that crosses SQLite's threshold
+//! would copy and sync a thousand pages while every decision of its batch waits; the
+//! writer keeps only a far larger threshold as a bound on the WAL.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
@@ -45,6 +53,10 @@ pub const MAX_BATCH: usize = 256;
 /// Read connections kept open.
 const READER_POOL: usize = 8;
 const BUSY_TIMEOUT_MS: u32 = 5_000;
+/// How often the checkpoint thread copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// WAL pages after which the writer checkpoints by itself (the checkpoint thread is behind).
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
 
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
 
@@ -62,6 +74,8 @@ pub struct SqliteStore {
     path: PathBuf,
     jobs: RwLock<Option<mpsc::Sender<Work>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Dropping the sender stops the checkpoint thread.
+    checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
     readers: Mutex<Vec<Connection>>,
     /// Keys of requests being decided right now. The file belongs to this process alone, so
     /// this set is enough to answer a concurrent duplicate with 409; the unique key in the
@@ -120,6 +134,14 @@ impl SqliteStore {
         migrate(&mut conn).map_err(|e| {
             anyhow::anyhow!("cannot migrate SQLite database {}: {e}", path.display())
         })?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
+            .map_err(|e| anyhow::anyhow!("cannot configure SQLite database {}: {e}", path.display()))?;
+        let checkpoint_conn = connect(path, true)
+            .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let checkpointer = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoint_conn, stopped))?;
         let (tx, rx) = mpsc::channel::<Work>(4 * MAX_BATCH);
         let writer = std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -128,6 +150,7 @@ impl SqliteStore {
             path: path.to_owned(),
             jobs: RwLock::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            checkpointer: Mutex::new(Some((stop, checkpointer))),
             readers: Mutex::new(Vec::new()),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
         })
@@ -186,6 +209,16 @@ fn run_in_savepoint<T>(
             // Dropping the savepoint rolls it back; other jobs of the batch are unaffected.
             let _ = sp.rollback();
             Err(unavailable(e))
+        }
+    }
+}
+
+/// Checkpoints the WAL until the store closes (see the module doc). PASSIVE never waits for
+/// the writer or readers: it copies what it can, and the writer goes on appending meanwhile.
+fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(event = "store.checkpoint_failed", error = %e);
         }
     }
 }
@@ -572,6 +605,13 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        // The checkpoint thread stops first, so the writer's final TRUNCATE finds no
+        // checkpoint in progress.
+        let checkpointer = self.checkpointer.lock().take();
+        if let Some((stop, thread)) = checkpointer {
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         self.jobs.write().take();
         let writer = self.writer.lock().take();
         if let Some(writer) = writer {
