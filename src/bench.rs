@@ -171,8 +171,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 struct Report {
     decide: PhaseStats,
     healthz: PhaseStats,
-    decide_rss_kib: Option<u64>,
-    healthz_rss_kib: Option<u64>,
     server: Option<Stopped>,
     first_ready: Option<(Duration, &'static str)>,
 }
@@ -194,12 +192,10 @@ async fn measure(
             s.ready_kind
         );
     }
-    let run_id = uuid::Uuid::new_v4().simple().to_string();
     let decide = Arc::new(Workload::Decide {
         host: host_header(addr)?,
         api_key: HeaderValue::from_str(api_key)
             .context("the API key is not a valid header value")?,
-        run_id: run_id[..8].to_owned(),
         customers: args.customers,
         mix: args.mix,
     });
@@ -207,17 +203,15 @@ async fn measure(
         "driving POST /payments/decide: {} connections, {} s warm-up + {} s, mix {:?}",
         args.connections, args.warmup_secs, args.duration_secs, args.mix
     );
-    let (decide, decide_rss_kib) = run_phase(args, addr, decide, pid).await?;
+    let decide = run_phase(args, addr, decide, pid).await?;
     let healthz = Arc::new(Workload::Healthz {
         host: host_header(addr)?,
     });
     println!("driving GET /healthz the same way");
-    let (healthz, healthz_rss_kib) = run_phase(args, addr, healthz, pid).await?;
+    let healthz = run_phase(args, addr, healthz, pid).await?;
     Ok(Report {
         decide,
         healthz,
-        decide_rss_kib,
-        healthz_rss_kib,
         server: None,
         first_ready,
     })
@@ -575,7 +569,6 @@ enum Workload {
     Decide {
         host: HeaderValue,
         api_key: HeaderValue,
-        run_id: String,
         customers: usize,
         mix: Mix,
     },
@@ -615,7 +608,6 @@ impl Workload {
             Workload::Decide {
                 host,
                 api_key,
-                run_id,
                 customers,
                 mix,
             } => {
@@ -634,10 +626,11 @@ impl Workload {
                             _ => ("12.34", KNOWN_PAYEE.to_owned()),
                         };
                         let body = Bytes::from(format!(
-                            "{{\"customerId\":\"{}\",\"amount\":{amount},\"currency\":\"USD\",\"payeeId\":\"{payee}\",\"idempotencyKey\":\"bench-{run_id}-{}-{}\"}}",
+                            "{{\"customerId\":\"{}\",\"amount\":{amount},\"currency\":\"USD\",\"payeeId\":\"{payee}\",\"idempotencyKey\":\"{}\"}}",
                             customer_id(customer),
-                            w.id,
-                            w.seq
+                            // Random like a real client's keys, so the store's key index
+                            // sees random inserts, not a flattering sequence.
+                            uuid::Uuid::new_v4()
                         ));
                         w.last_body = Some(body.clone());
                         body
@@ -674,6 +667,11 @@ struct PhaseStats {
     transport_errors: u64,
     /// Decide answers by decision (`allow`, …, `replayed`, `other`).
     outcomes: BTreeMap<&'static str, u64>,
+    /// The server's largest resident set seen during the phase.
+    peak_rss_kib: Option<u64>,
+    /// CPU time the server and this load generator used while measuring.
+    server_cpu: Option<Duration>,
+    client_cpu: Option<Duration>,
 }
 
 impl PhaseStats {
@@ -814,28 +812,50 @@ async fn worker(
     stats
 }
 
-/// Drives one workload with every connection, sampling the server's RSS meanwhile.
+/// CPU time (user + system) a process used so far, from `/proc/PID/stat`; Linux only.
+fn proc_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture that matters here.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// Drives one workload with every connection, sampling the server's RSS and CPU meanwhile.
 async fn run_phase(
     args: &BenchArgs,
     addr: SocketAddr,
     load: Arc<Workload>,
     pid: Option<u32>,
-) -> anyhow::Result<(PhaseStats, Option<u64>)> {
+) -> anyhow::Result<PhaseStats> {
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(args.warmup_secs);
     let stop_at = measure_from + Duration::from_secs(args.duration_secs);
     let workers: Vec<_> = (0..args.connections)
         .map(|id| tokio::spawn(worker(addr, load.clone(), id, measure_from, stop_at)))
         .collect();
-    let sampler = pid.map(|pid| {
-        tokio::spawn(async move {
-            let mut peak = 0;
-            while Instant::now() < stop_at {
-                peak = peak.max(proc_status_kib(pid, "VmRSS:").unwrap_or(0));
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let sampler = tokio::spawn(async move {
+        let server = pid.map(|p| p.to_string());
+        let cpu = || {
+            let server = server.as_deref().and_then(proc_cpu);
+            (server, proc_cpu("self"))
+        };
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = cpu();
+        let mut peak = None;
+        while Instant::now() < stop_at {
+            if let Some(pid) = pid {
+                let rss = proc_status_kib(pid, "VmRSS:");
+                peak = peak.max(rss);
             }
-            peak
-        })
+            let left = stop_at.saturating_duration_since(Instant::now());
+            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+        }
+        let after = cpu();
+        let used = |a: Option<Duration>, b: Option<Duration>| Some(a?.saturating_sub(b?));
+        (peak, used(after.0, before.0), used(after.1, before.1))
     });
     let mut stats = PhaseStats {
         name: load.name(),
@@ -853,11 +873,8 @@ async fn run_phase(
     }
     stats.elapsed = stop_at.saturating_duration_since(measure_from);
     stats.latencies_us.sort_unstable();
-    let rss = match sampler {
-        Some(s) => Some(s.await?),
-        None => None,
-    };
-    Ok((stats, rss))
+    (stats.peak_rss_kib, stats.server_cpu, stats.client_cpu) = sampler.await?;
+    Ok(stats)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -900,15 +917,17 @@ fn print_report(args: &BenchArgs, r: &Report) {
     );
     println!();
     println!(
-        "| endpoint | requests | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS MiB |"
+        "| endpoint | requests | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS MiB | server CPU µs/req | cores: server + bench |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
-    for (s, rss) in [
-        (&r.decide, r.decide_rss_kib),
-        (&r.healthz, r.healthz_rss_kib),
-    ] {
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |");
+    for s in [&r.decide, &r.healthz] {
+        let secs = s.elapsed.as_secs_f64().max(1e-9);
+        let cores = |cpu: Option<Duration>| cpu.map_or("n/a".into(), |c| format!("{:.2}", c.as_secs_f64() / secs));
+        let per_request = s.server_cpu.map_or("n/a".into(), |c| {
+            format!("{:.0}", c.as_secs_f64() * 1e6 / (s.requests().max(1) as f64))
+        });
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} + {} |",
             s.name,
             s.requests(),
             s.rps(),
@@ -917,7 +936,10 @@ fn print_report(args: &BenchArgs, r: &Report) {
             s.quantile_ms(0.99),
             s.quantile_ms(1.0),
             errors_text(s),
-            rss.map_or("n/a".into(), |k| format!("{:.1}", mib(k))),
+            s.peak_rss_kib.map_or("n/a".into(), |k| format!("{:.1}", mib(k))),
+            per_request,
+            cores(s.server_cpu),
+            cores(s.client_cpu),
         );
     }
     let ratio = r.decide.rps() / r.healthz.rps().max(1e-9);
