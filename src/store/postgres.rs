@@ -93,22 +93,38 @@ fn db_error(e: tokio_postgres::Error) -> StoreError {
     // Without a SQLSTATE the connection failed; with one, only the classes that mean "the
     // server cannot serve now" are unavailability, the rest are our bugs.
     match e.code() {
-        None => StoreError::Unavailable(e.to_string()),
+        None => StoreError::Unavailable(causes(&e)),
         Some(code) => {
-            let class = &code.code()[..2];
+            let class = code.code().get(..2).unwrap_or_default();
             if matches!(class, "08" | "53" | "57" | "40") || code == &SqlState::LOCK_NOT_AVAILABLE {
-                StoreError::Unavailable(e.to_string())
+                StoreError::Unavailable(causes(&e))
             } else {
-                StoreError::Internal(e.to_string())
+                StoreError::Internal(causes(&e))
             }
         }
     }
 }
 
+/// An error and its causes on one line ("error connecting to server: Connection refused"):
+/// the driver's own message alone rarely says what went wrong.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db_error(e),
-        other => StoreError::Unavailable(other.to_string()),
+        other => StoreError::Unavailable(causes(&other)),
     }
 }
 
@@ -155,8 +171,7 @@ fn make_pool(config: tokio_postgres::Config, options: &PostgresOptions) -> anyho
 
 /// Applies the migrations this database lacks, one transaction each, under an advisory lock
 /// so that instances starting together do not race.
-async fn migrate(pool: &Pool) -> anyhow::Result<()> {
-    let mut client = pool.get().await?;
+async fn migrate(client: &mut deadpool_postgres::Client) -> anyhow::Result<()> {
     client
         .batch_execute(&format!(
             "SELECT pg_advisory_lock({SCHEMA_LOCK});
@@ -199,9 +214,16 @@ impl PostgresStore {
     pub async fn open(url: &str, options: PostgresOptions) -> anyhow::Result<Self> {
         let config = pg_config(url, &options)?;
         let pool = make_pool(config, &options)?;
-        migrate(&pool)
+        let mut client = pool.get().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to PostgreSQL (DATABASE_URL): {}",
+                causes(&e)
+            )
+        })?;
+        migrate(&mut client)
             .await
             .map_err(|e| anyhow::anyhow!("cannot migrate the PostgreSQL database: {e:#}"))?;
+        drop(client);
         Ok(PostgresStore {
             pool,
             claim_lease_ms: options.claim_lease.as_millis() as i64,
@@ -825,7 +847,12 @@ const STALE_TEST_DATABASE_SECS: u64 = 3_600;
 pub async fn create_test_database(base_url: &str) -> anyhow::Result<String> {
     let (client, connection) = tokio_postgres::connect(base_url, NoTls)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at the test URL: {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to PostgreSQL at the test URL: {}",
+                causes(&e)
+            )
+        })?;
     let connection = tokio::spawn(connection);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
