@@ -121,6 +121,15 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Column `i` of `row`: a schema that does not match the code is an error, not a panic.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    i: usize,
+) -> Result<T, StoreError> {
+    row.try_get(i)
+        .map_err(|e| StoreError::Internal(format!("column {i}: {}", causes(&e))))
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db_error(e),
@@ -187,7 +196,7 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> anyhow::Result<()> {
                 &[],
             )
             .await?
-            .get(0);
+            .try_get(0)?;
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
             let tx = client.transaction().await?;
             tx.batch_execute(sql).await?;
@@ -319,7 +328,7 @@ impl PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        Ok((row.get(0), row.get(1)))
+        Ok((col(&row, 0)?, col(&row, 1)?))
     }
 
     /// Runs `NOT_ALLOW`: the case, the decision, the stored response. False when the claim
@@ -355,7 +364,7 @@ impl PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        Ok(row.get(0))
+        col(&row, 0)
     }
 
     /// The allow lost its funds (or the daily limit) between the agent's look and commit.
@@ -381,7 +390,8 @@ impl PostgresStore {
             )
             .await
             .map_err(db_error)?
-            .map(|r| (r.get(0), r.get(1), r.get(2)));
+            .map(|r| Ok::<_, StoreError>((col(&r, 0)?, col(&r, 1)?, col(&r, 2)?)))
+            .transpose()?;
         let (available, outflow, account_currency) =
             now.unwrap_or((0, 0, currency.code().to_owned()));
         let fits = account_currency == currency.code()
@@ -571,10 +581,10 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        let state: &str = row.get(0);
-        let owner: Option<&str> = row.get(1);
+        let state: &str = col(&row, 0)?;
+        let owner: Option<&str> = col(&row, 1)?;
         if owner == Some(token.as_str()) {
-            if row.get::<_, bool>(6) && state == "in_progress" {
+            if col::<bool>(&row, 6)? && state == "in_progress" {
                 tracing::debug!(event = "idempotency.claimed_expired_row");
             }
             return Ok(Begin::Fresh(claim));
@@ -585,13 +595,13 @@ impl Store for PostgresStore {
         if state != "completed" {
             return Ok(Begin::InProgress);
         }
-        let stored_fingerprint: &[u8] = row.get(2);
+        let stored_fingerprint: &[u8] = col(&row, 2)?;
         if stored_fingerprint != &fingerprint[..] {
             return Ok(Begin::Mismatch);
         }
-        let status: i32 = row.get(3);
-        let body: Vec<u8> = row.get(4);
-        let request_id: String = row.get(5);
+        let status: i32 = col(&row, 3)?;
+        let body: Vec<u8> = col(&row, 4)?;
+        let request_id: String = col(&row, 5)?;
         Ok(Begin::Replay(StoredResponse {
             status: u16::try_from(status).unwrap_or(200),
             body: body.into(),
@@ -617,18 +627,18 @@ impl Store for PostgresStore {
             .query_opt(&stmt, &[&&*scope.caller, &scope.key.as_str(), &now_ms])
             .await
             .map_err(db_error)?;
-        Ok(row.map(|r| {
-            let stored_fingerprint: &[u8] = r.get(0);
-            if stored_fingerprint == &fingerprint[..] {
-                Lookup::Replay(StoredResponse {
-                    status: u16::try_from(r.get::<_, i32>(1)).unwrap_or(200),
-                    body: r.get::<_, Vec<u8>>(2).into(),
-                    request_id: RequestId::from_stored(r.get(3)),
-                })
-            } else {
-                Lookup::Mismatch
-            }
-        }))
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let stored_fingerprint: &[u8] = col(&r, 0)?;
+        if stored_fingerprint != &fingerprint[..] {
+            return Ok(Some(Lookup::Mismatch));
+        }
+        Ok(Some(Lookup::Replay(StoredResponse {
+            status: u16::try_from(col::<i32>(&r, 1)?).unwrap_or(200),
+            body: col::<Vec<u8>>(&r, 2)?.into(),
+            request_id: RequestId::from_stored(col(&r, 3)?),
+        })))
     }
 
     async fn account(&self, customer: &CustomerId) -> Result<Option<Account>, StoreError> {
@@ -645,16 +655,16 @@ impl Store for PostgresStore {
             .await
             .map_err(db_error)?;
         row.map(|r| {
-            let currency: &str = r.get(0);
+            let currency: &str = col(&r, 0)?;
             let currency = Currency::parse(currency).map_err(|_| {
                 StoreError::Internal(format!("account has bad currency {currency:?}"))
             })?;
             Ok(Account {
                 customer: customer.clone(),
-                balance: Money::from_minor(r.get(1), currency),
-                reserved_minor: r.get(2),
-                outflow_day: r.get(3),
-                outflow_minor: r.get(4),
+                balance: Money::from_minor(col(&r, 1)?, currency),
+                reserved_minor: col(&r, 2)?,
+                outflow_day: col(&r, 3)?,
+                outflow_minor: col(&r, 4)?,
             })
         })
         .transpose()
@@ -683,13 +693,16 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        Ok(row.map(|r| RiskProfile {
-            recent_disputes: u32::try_from(r.get::<_, i32>(0)).unwrap_or(0),
-            device_change: r.get(1),
-            home_country: r.get(2),
-            known_payee: r.get(3),
-            recent_payments: u32::try_from(r.get::<_, i64>(4)).unwrap_or(u32::MAX),
-        }))
+        row.map(|r| {
+            Ok(RiskProfile {
+                recent_disputes: u32::try_from(col::<i32>(&r, 0)?).unwrap_or(0),
+                device_change: col(&r, 1)?,
+                home_country: col(&r, 2)?,
+                known_payee: col(&r, 3)?,
+                recent_payments: u32::try_from(col::<i64>(&r, 4)?).unwrap_or(u32::MAX),
+            })
+        })
+        .transpose()
     }
 
     async fn commit_decision(&self, rec: DecisionRecord) -> Result<CommitOutcome, StoreError> {
@@ -766,7 +779,8 @@ impl Store for PostgresStore {
             .query_one("SELECT count(*) FROM accounts", &[])
             .await
             .map_err(db_error)?
-            .get(0);
+            .try_get(0)
+            .map_err(db_error)?;
         if existing > 0 {
             return Ok(0);
         }
@@ -874,7 +888,7 @@ pub async fn create_test_database(base_url: &str) -> anyhow::Result<String> {
         .await
         .map(|rows| {
             rows.iter()
-                .map(|r| r.get::<_, String>(0))
+                .filter_map(|r| r.try_get::<_, String>(0).ok())
                 .filter(|n| {
                     n.split('_')
                         .nth(2)
