@@ -5,9 +5,10 @@
 //! * [`http`] — routes and middleware: request id, auth, body parsing, rate limit,
 //!   idempotency, and the `decide` handler.
 //! * [`domain`] — exact money, checked ids, decisions and reasons.
-//! * [`ratelimit`] — the per-customer token bucket.
+//! * [`ratelimit`] — the per-customer token bucket: in-process, or global on Redis.
 //! * [`agent`] — plan → tools → rules → recommendation, failing safe.
-//! * [`store`] — one trait, one method per use case; SQLite embedded by default.
+//! * [`store`] — one trait, one method per use case; SQLite embedded by default,
+//!   PostgreSQL for many instances.
 //! * [`policy`], [`fixtures`] — the thresholds and the demo customers, from files.
 //! * [`config`], [`telemetry`], [`metrics`], [`openapi`], [`startup`] — running it.
 //! * [`eval`] — the `paynow eval` client that checks decisions against `eval_cases.json`.
