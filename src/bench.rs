@@ -922,9 +922,14 @@ fn print_report(args: &BenchArgs, r: &Report) {
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |");
     for s in [&r.decide, &r.healthz] {
         let secs = s.elapsed.as_secs_f64().max(1e-9);
-        let cores = |cpu: Option<Duration>| cpu.map_or("n/a".into(), |c| format!("{:.2}", c.as_secs_f64() / secs));
+        let cores = |cpu: Option<Duration>| {
+            cpu.map_or("n/a".into(), |c| format!("{:.2}", c.as_secs_f64() / secs))
+        };
         let per_request = s.server_cpu.map_or("n/a".into(), |c| {
-            format!("{:.0}", c.as_secs_f64() * 1e6 / (s.requests().max(1) as f64))
+            format!(
+                "{:.0}",
+                c.as_secs_f64() * 1e6 / (s.requests().max(1) as f64)
+            )
         });
         println!(
             "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} + {} |",
@@ -936,7 +941,8 @@ fn print_report(args: &BenchArgs, r: &Report) {
             s.quantile_ms(0.99),
             s.quantile_ms(1.0),
             errors_text(s),
-            s.peak_rss_kib.map_or("n/a".into(), |k| format!("{:.1}", mib(k))),
+            s.peak_rss_kib
+                .map_or("n/a".into(), |k| format!("{:.1}", mib(k))),
             per_request,
             cores(s.server_cpu),
             cores(s.client_cpu),

@@ -135,7 +135,9 @@ impl SqliteStore {
             anyhow::anyhow!("cannot migrate SQLite database {}: {e}", path.display())
         })?;
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
-            .map_err(|e| anyhow::anyhow!("cannot configure SQLite database {}: {e}", path.display()))?;
+            .map_err(|e| {
+                anyhow::anyhow!("cannot configure SQLite database {}: {e}", path.display())
+            })?;
         let checkpoint_conn = connect(path, true)
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
         let (stop, stopped) = std::sync::mpsc::channel();
