@@ -136,6 +136,14 @@ async fn one_idempotency_key_sent_to_both_instances_executes_once() {
             assert_eq!(res.headers()["idempotent-replayed"], "true");
             assert_eq!(res.bytes().await.unwrap(), decided[0].1);
         }
+        // The key now belongs to that payment on every instance.
+        let mut other = body.clone();
+        other["amount"] = serde_json::json!(99.00);
+        for app in [&a, &b] {
+            let (status, problem) = app.decide_json(&other).await;
+            assert_eq!(status, 422, "{problem}");
+            assert_eq!(problem["code"], "idempotency_key_reused", "{problem}");
+        }
     }
     let url = &a.config.database_url;
     assert_eq!(
