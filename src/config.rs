@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// How long responses are kept for replay.
     #[arg(long, env = "PAYNOW_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
+    /// Held reservations not captured or released within this time are released.
+    #[arg(long, env = "PAYNOW_RESERVATION_TTL_SECS", default_value_t = 7 * 86_400)]
+    pub reservation_ttl_secs: u64,
     /// Customers file loaded into an empty store (default: the shipped demo customers).
     #[arg(long, env = "PAYNOW_FIXTURES")]
     pub fixtures: Option<PathBuf>,
@@ -166,6 +169,7 @@ pub struct Config {
     pub redis_key_prefix: String,
     pub rate_limit: Quota,
     pub idempotency_ttl: Duration,
+    pub reservation_ttl: Duration,
     pub fixtures: Option<PathBuf>,
     pub policy: Option<PathBuf>,
     pub log_format: LogFormat,
@@ -182,6 +186,9 @@ impl Config {
     pub fn from_args(args: &ServeArgs) -> Result<Self, String> {
         if args.body_limit_bytes < 256 {
             return Err("PAYNOW_BODY_LIMIT_BYTES must be at least 256".into());
+        }
+        if args.reservation_ttl_secs == 0 {
+            return Err("PAYNOW_RESERVATION_TTL_SECS must be at least 1".into());
         }
         if args.idempotency_ttl_secs == 0 {
             return Err("PAYNOW_IDEMPOTENCY_TTL_SECS must be at least 1".into());
@@ -204,6 +211,7 @@ impl Config {
             redis_key_prefix: args.redis_key_prefix.clone(),
             rate_limit: Quota::new(args.rate_limit_rps, args.rate_limit_burst)?,
             idempotency_ttl: Duration::from_secs(args.idempotency_ttl_secs),
+            reservation_ttl: Duration::from_secs(args.reservation_ttl_secs),
             fixtures: args.fixtures.clone(),
             policy: args.policy.clone(),
             log_format: args.log_format,
@@ -225,6 +233,7 @@ impl Config {
             redis_key_prefix: "paynow:rl:".into(),
             rate_limit: Quota::new(5, 5)?,
             idempotency_ttl: Duration::from_secs(86_400),
+            reservation_ttl: Duration::from_secs(7 * 86_400),
             fixtures: None,
             policy: None,
             log_format: LogFormat::Json,

@@ -47,6 +47,9 @@ pub enum AppError {
     IdempotencyInProgress,
     #[error("no such resource")]
     NotFound,
+    /// The resource is not in a state that allows this; the code says which.
+    #[error("{1}")]
+    Conflict(&'static str, String),
     #[error("method not allowed on this resource")]
     MethodNotAllowed,
     #[error("the request took too long and was stopped")]
@@ -91,7 +94,7 @@ impl AppError {
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            AppError::IdempotencyInProgress => StatusCode::CONFLICT,
+            AppError::IdempotencyInProgress | AppError::Conflict(..) => StatusCode::CONFLICT,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Timeout | AppError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -110,6 +113,7 @@ impl AppError {
             AppError::IdempotencyKeyReused => "idempotency_key_reused",
             AppError::IdempotencyInProgress => "idempotency_in_progress",
             AppError::NotFound => "not_found",
+            AppError::Conflict(code, _) => code,
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Timeout => "request_timeout",
             AppError::StoreUnavailable(_) => "storage_unavailable",
@@ -128,6 +132,7 @@ impl AppError {
             AppError::IdempotencyKeyReused => "Idempotency key reused",
             AppError::IdempotencyInProgress => "Request in progress",
             AppError::NotFound => "Not found",
+            AppError::Conflict(..) => "Conflict",
             AppError::MethodNotAllowed => "Method not allowed",
             AppError::Timeout => "Request timeout",
             AppError::StoreUnavailable(_) => "Service unavailable",

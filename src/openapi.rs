@@ -10,6 +10,12 @@ use utoipa::{Modify, OpenApi};
     info(title = "PayNow", description = "Payment decisions: allow, review or block, with reasons and an agent trace."),
     paths(
         crate::http::decide::decide_payment,
+        crate::http::review::list_cases,
+        crate::http::review::get_case,
+        crate::http::review::resolve_case,
+        crate::http::review::get_reservation,
+        crate::http::review::capture_reservation,
+        crate::http::review::release_reservation,
         crate::http::ops::healthz,
         crate::http::ops::readyz,
         crate::http::ops::metrics_json,
@@ -23,12 +29,19 @@ use utoipa::{Modify, OpenApi};
         crate::error::Problem,
         crate::error::FieldError,
         crate::metrics::MetricsSnapshot,
+        crate::http::review::CaseResponse,
+        crate::http::review::CaseList,
+        crate::http::review::ResolveRequest,
+        crate::http::review::ReservationResponse,
+        crate::store::CaseStatus,
+        crate::store::ReservationStatus,
         crate::http::ops::Health,
         crate::http::ops::Readiness,
     )),
     modifiers(&ApiKeyScheme),
     tags(
         (name = "payments", description = "Payment decisions"),
+        (name = "review", description = "Cases for reviewers and the reservation lifecycle"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )
 )]

@@ -115,10 +115,17 @@ async fn purge_loop(state: AppState) {
     let mut tick = tokio::time::interval(PURGE_EVERY);
     loop {
         tick.tick().await;
-        match state.store.purge_expired(store::now_ms()).await {
+        let now = store::now_ms();
+        match state.store.purge_expired(now).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(event = "idempotency.purged", records = n),
             Err(e) => tracing::warn!(event = "idempotency.purge_failed", error = %e),
+        }
+        let held_since = now - state.config.reservation_ttl.as_millis() as i64;
+        match state.store.expire_reservations(held_since, now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(event = "reservations.expired", reservations = n),
+            Err(e) => tracing::warn!(event = "reservations.expire_failed", error = %e),
         }
         state.limiter.maintain();
     }

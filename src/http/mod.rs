@@ -8,6 +8,7 @@ pub mod decide;
 mod extract;
 mod observe;
 pub mod ops;
+pub mod review;
 
 use std::sync::Arc;
 
@@ -76,6 +77,12 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// Every route served, as (method, path). The OpenAPI test checks each is documented.
 pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/payments/decide"),
+    ("GET", "/cases"),
+    ("GET", "/cases/{id}"),
+    ("POST", "/cases/{id}/resolve"),
+    ("GET", "/reservations/{id}"),
+    ("POST", "/reservations/{id}/capture"),
+    ("POST", "/reservations/{id}/release"),
     ("GET", "/metrics"),
     ("GET", "/metrics/prometheus"),
     ("GET", "/openapi.json"),
@@ -86,6 +93,18 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/payments/decide", post(decide::decide_payment))
+        .route("/cases", get(review::list_cases))
+        .route("/cases/{id}", get(review::get_case))
+        .route("/cases/{id}/resolve", post(review::resolve_case))
+        .route("/reservations/{id}", get(review::get_reservation))
+        .route(
+            "/reservations/{id}/capture",
+            post(review::capture_reservation),
+        )
+        .route(
+            "/reservations/{id}/release",
+            post(review::release_reservation),
+        )
         .route("/metrics", get(ops::metrics_json))
         .route("/metrics/prometheus", get(ops::metrics_prometheus))
         .route("/openapi.json", get(ops::openapi_json))

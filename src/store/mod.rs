@@ -219,6 +219,175 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes pending writes and closes connections.
     async fn close(&self);
+
+    /// Cases, newest first, optionally of one status.
+    async fn list_cases(
+        &self,
+        status: Option<CaseStatus>,
+        limit: u32,
+    ) -> Result<Vec<Case>, StoreError>;
+
+    async fn case(&self, id: &str) -> Result<Option<Case>, StoreError>;
+
+    /// Approves (reserving the funds if they are still there) or declines an open case.
+    async fn resolve_case(&self, resolution: CaseResolution) -> Result<Resolved, StoreError>;
+
+    async fn reservation(&self, id: &str) -> Result<Option<Reservation>, StoreError>;
+
+    /// Captures (the money leaves the balance) or releases (it becomes available again) a
+    /// held reservation.
+    async fn settle_reservation(
+        &self,
+        id: &str,
+        to: Settlement,
+        now_ms: i64,
+    ) -> Result<Settled, StoreError>;
+
+    /// Releases reservations held since before `created_before_ms`; returns how many.
+    async fn expire_reservations(
+        &self,
+        created_before_ms: i64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+}
+
+/// Where a case stands in review.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CaseStatus {
+    Open,
+    Approved,
+    Declined,
+}
+
+impl CaseStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaseStatus::Open => "open",
+            CaseStatus::Approved => "approved",
+            CaseStatus::Declined => "declined",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "open" => Some(CaseStatus::Open),
+            "approved" => Some(CaseStatus::Approved),
+            "declined" => Some(CaseStatus::Declined),
+            _ => None,
+        }
+    }
+}
+
+/// A payment sent to review or blocked, with everything a reviewer needs.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub id: String,
+    pub status: CaseStatus,
+    pub decision: crate::domain::Decision,
+    pub reasons: Vec<Reason>,
+    pub customer: String,
+    pub payee: String,
+    pub amount: Money,
+    pub request_id: String,
+    pub created_ms: i64,
+    /// The agent trace, as stored with the decision.
+    pub trace: serde_json::Value,
+    pub resolved_ms: Option<i64>,
+    pub resolution_note: Option<String>,
+    /// The reservation an approval made.
+    pub reservation_id: Option<String>,
+}
+
+/// A reviewer's verdict on a case.
+#[derive(Clone, Debug)]
+pub struct CaseResolution {
+    pub case_id: String,
+    pub approve: bool,
+    pub note: Option<String>,
+    /// Used when an approval reserves the funds.
+    pub reservation_id: String,
+    pub now_ms: i64,
+    /// The daily limit in the case currency's minor units, checked when approving.
+    pub daily_limit_minor: i64,
+}
+
+pub enum Resolved {
+    Done(Box<Case>),
+    NotFound,
+    /// The case was resolved before; it is returned as it stands.
+    AlreadyResolved(Box<Case>),
+    /// The approval could not reserve the funds; the case stays open.
+    Refused(Reason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReservationStatus {
+    Held,
+    Captured,
+    Released,
+    Expired,
+}
+
+impl ReservationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Held => "held",
+            ReservationStatus::Captured => "captured",
+            ReservationStatus::Released => "released",
+            ReservationStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "held" => Some(ReservationStatus::Held),
+            "captured" => Some(ReservationStatus::Captured),
+            "released" => Some(ReservationStatus::Released),
+            "expired" => Some(ReservationStatus::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// Funds held for an allowed (or approved) payment.
+#[derive(Clone, Debug)]
+pub struct Reservation {
+    pub id: String,
+    pub status: ReservationStatus,
+    pub customer: String,
+    pub payee: String,
+    pub amount: Money,
+    pub request_id: String,
+    pub created_ms: i64,
+    pub settled_ms: Option<i64>,
+}
+
+/// What happens to a held reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    Capture,
+    Release,
+}
+
+pub enum Settled {
+    Done(Reservation),
+    NotFound,
+    /// Only held reservations can be settled; this one is not.
+    NotHeld(Reservation),
+}
+
+/// Why an approval could not reserve: from the account as it is now.
+pub fn refusal_reason(account: Option<(&str, i64)>, currency: &str, amount_minor: i64) -> Reason {
+    match account {
+        None => Reason::UnknownCustomer,
+        Some((c, _)) if c != currency => Reason::CurrencyMismatch,
+        Some((_, available)) if available < amount_minor => Reason::InsufficientFunds,
+        Some(_) => Reason::LimitExceeded,
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -44,12 +44,19 @@ use super::{
     Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
     RiskProfile, Store, StoreError, StoredResponse,
 };
+use super::{
+    Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
+    Settlement, refusal_reason,
+};
 use crate::domain::{
     Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId, format_minor,
 };
 use crate::fixtures::CustomerFixture;
 
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../../migrations/postgres/0002_review.sql")),
+];
 
 /// Serialises migrations and seeding between instances starting at once (any constant will
 /// do; it only has to be the same everywhere).
@@ -829,6 +836,173 @@ impl Store for PostgresStore {
     async fn close(&self) {
         self.pool.close();
     }
+
+    async fn list_cases(
+        &self,
+        status: Option<CaseStatus>,
+        limit: u32,
+    ) -> Result<Vec<Case>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {CASE_COLUMNS} FROM cases
+                     WHERE ($1::text IS NULL OR status = $1::text)
+                     ORDER BY created_ms DESC, id LIMIT $2"
+                ),
+                &[&status.map(CaseStatus::as_str), &i64::from(limit)],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(case_from_row).collect()
+    }
+
+    async fn case(&self, id: &str) -> Result<Option<Case>, StoreError> {
+        let client = self.client().await?;
+        read_case(&client, id, false).await
+    }
+
+    async fn resolve_case(&self, r: CaseResolution) -> Result<Resolved, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        // The row lock makes two reviewers resolving one case take turns.
+        let Some(case) = read_case(&tx, &r.case_id, true).await? else {
+            return Ok(Resolved::NotFound);
+        };
+        if case.status != CaseStatus::Open {
+            return Ok(Resolved::AlreadyResolved(Box::new(case)));
+        }
+        let amount = case.amount.minor();
+        let currency = case.amount.currency();
+        let mut reservation_id: Option<&str> = None;
+        if r.approve {
+            let day = r.now_ms.div_euclid(86_400_000);
+            let reserved = tx
+                .execute(
+                    "UPDATE accounts SET
+                         reserved_minor = reserved_minor + $1,
+                         outflow_minor = CASE WHEN outflow_day = $2 THEN outflow_minor + $1 ELSE $1 END,
+                         outflow_day = $2
+                     WHERE customer_id = $3 AND currency = $4
+                       AND balance_minor - reserved_minor >= $1
+                       AND (CASE WHEN outflow_day = $2 THEN outflow_minor ELSE 0 END) + $1 <= $5",
+                    &[&amount, &day, &case.customer, &currency.code(), &r.daily_limit_minor],
+                )
+                .await
+                .map_err(db_error)?;
+            if reserved == 0 {
+                let account = tx
+                    .query_opt(
+                        "SELECT currency, balance_minor - reserved_minor FROM accounts WHERE customer_id = $1",
+                        &[&case.customer],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let account = match &account {
+                    Some(row) => Some((col::<&str>(row, 0)?, col::<i64>(row, 1)?)),
+                    None => None,
+                };
+                return Ok(Resolved::Refused(refusal_reason(
+                    account,
+                    currency.code(),
+                    amount,
+                )));
+            }
+            tx.execute(
+                "INSERT INTO reservations (id, customer_id, payee_id, amount_minor, currency, request_id, created_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &r.reservation_id,
+                    &case.customer,
+                    &case.payee,
+                    &amount,
+                    &currency.code(),
+                    &case.request_id,
+                    &r.now_ms,
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+            reservation_id = Some(&r.reservation_id);
+        }
+        let status = if r.approve {
+            CaseStatus::Approved
+        } else {
+            CaseStatus::Declined
+        };
+        tx.execute(
+            "UPDATE cases SET status = $2, resolved_ms = $3, resolution_note = $4, reservation_id = $5
+             WHERE id = $1",
+            &[&r.case_id, &status.as_str(), &r.now_ms, &r.note, &reservation_id],
+        )
+        .await
+        .map_err(db_error)?;
+        let case = read_case(&tx, &r.case_id, false).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(match case {
+            Some(case) => Resolved::Done(Box::new(case)),
+            None => Resolved::NotFound,
+        })
+    }
+
+    async fn reservation(&self, id: &str) -> Result<Option<Reservation>, StoreError> {
+        let client = self.client().await?;
+        read_reservation(&client, id, false).await
+    }
+
+    async fn settle_reservation(
+        &self,
+        id: &str,
+        to: Settlement,
+        now_ms: i64,
+    ) -> Result<Settled, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let Some(held) = read_reservation(&tx, id, true).await? else {
+            return Ok(Settled::NotFound);
+        };
+        if held.status != ReservationStatus::Held {
+            return Ok(Settled::NotHeld(held));
+        }
+        let status = match to {
+            Settlement::Capture => ReservationStatus::Captured,
+            Settlement::Release => ReservationStatus::Released,
+        };
+        settle(&tx, &held, status, now_ms).await?;
+        let settled = read_reservation(&tx, id, false).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(match settled {
+            Some(r) => Settled::Done(r),
+            None => Settled::NotFound,
+        })
+    }
+
+    async fn expire_reservations(
+        &self,
+        created_before_ms: i64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        // SKIP LOCKED: another instance sweeping at the same time takes other rows.
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {RESERVATION_COLUMNS} FROM reservations
+                     WHERE status = 'held' AND created_ms < $1
+                     LIMIT 5000 FOR UPDATE SKIP LOCKED"
+                ),
+                &[&created_before_ms],
+            )
+            .await
+            .map_err(db_error)?;
+        for row in &rows {
+            let held = reservation_from_row(row)?;
+            settle(&tx, &held, ReservationStatus::Expired, now_ms).await?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(rows.len() as u64)
+    }
 }
 
 /// `url` with its database name replaced by `database`.
@@ -907,6 +1081,128 @@ pub async fn create_test_database(base_url: &str) -> anyhow::Result<String> {
     drop(client);
     let _ = connection.await;
     with_database(base_url, &name)
+}
+
+const CASE_COLUMNS: &str =
+    "id, status, decision, reasons::text, customer_id, payee_id, amount_minor,
+    currency, request_id, created_ms, trace::text, resolved_ms, resolution_note, reservation_id";
+
+const RESERVATION_COLUMNS: &str =
+    "id, status, customer_id, payee_id, amount_minor, currency, request_id, created_ms, settled_ms";
+
+fn bad_row(what: &str, value: &str) -> StoreError {
+    StoreError::Internal(format!("stored {what} is not valid: {value:?}"))
+}
+
+fn case_from_row(row: &tokio_postgres::Row) -> Result<Case, StoreError> {
+    let status: &str = col(row, 1)?;
+    let decision: &str = col(row, 2)?;
+    let reasons: &str = col(row, 3)?;
+    let currency: &str = col(row, 7)?;
+    let trace: &str = col(row, 10)?;
+    let currency = Currency::parse(currency).map_err(|_| bad_row("currency", currency))?;
+    Ok(Case {
+        id: col(row, 0)?,
+        status: CaseStatus::parse(status).ok_or_else(|| bad_row("case status", status))?,
+        decision: serde_json::from_value(serde_json::Value::String(decision.to_owned()))
+            .map_err(|_| bad_row("decision", decision))?,
+        reasons: serde_json::from_str(reasons).map_err(|_| bad_row("reasons", reasons))?,
+        customer: col(row, 4)?,
+        payee: col(row, 5)?,
+        amount: Money::from_minor(col(row, 6)?, currency),
+        request_id: col(row, 8)?,
+        created_ms: col(row, 9)?,
+        trace: serde_json::from_str(trace).map_err(|_| bad_row("trace", "…"))?,
+        resolved_ms: col(row, 11)?,
+        resolution_note: col(row, 12)?,
+        reservation_id: col(row, 13)?,
+    })
+}
+
+async fn read_case(
+    client: &impl deadpool_postgres::GenericClient,
+    id: &str,
+    for_update: bool,
+) -> Result<Option<Case>, StoreError> {
+    let lock = if for_update { " FOR UPDATE" } else { "" };
+    let row = client
+        .query_opt(
+            &format!("SELECT {CASE_COLUMNS} FROM cases WHERE id = $1{lock}"),
+            &[&id],
+        )
+        .await
+        .map_err(db_error)?;
+    row.as_ref().map(case_from_row).transpose()
+}
+
+fn reservation_from_row(row: &tokio_postgres::Row) -> Result<Reservation, StoreError> {
+    let status: &str = col(row, 1)?;
+    let currency: &str = col(row, 5)?;
+    let currency = Currency::parse(currency).map_err(|_| bad_row("currency", currency))?;
+    Ok(Reservation {
+        id: col(row, 0)?,
+        status: ReservationStatus::parse(status)
+            .ok_or_else(|| bad_row("reservation status", status))?,
+        customer: col(row, 2)?,
+        payee: col(row, 3)?,
+        amount: Money::from_minor(col(row, 4)?, currency),
+        request_id: col(row, 6)?,
+        created_ms: col(row, 7)?,
+        settled_ms: col(row, 8)?,
+    })
+}
+
+async fn read_reservation(
+    client: &impl deadpool_postgres::GenericClient,
+    id: &str,
+    for_update: bool,
+) -> Result<Option<Reservation>, StoreError> {
+    let lock = if for_update { " FOR UPDATE" } else { "" };
+    let row = client
+        .query_opt(
+            &format!("SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = $1{lock}"),
+            &[&id],
+        )
+        .await
+        .map_err(db_error)?;
+    row.as_ref().map(reservation_from_row).transpose()
+}
+
+/// Moves a held (and locked) reservation to `status` and gives its money back to the account:
+/// out of the balance on capture, back to available otherwise. A release on the day it was
+/// made also lowers that day's outflow.
+async fn settle(
+    tx: &impl deadpool_postgres::GenericClient,
+    held: &Reservation,
+    status: ReservationStatus,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let amount = held.amount.minor();
+    let day = held.created_ms.div_euclid(86_400_000);
+    tx.execute(
+        "UPDATE reservations SET status = $2, settled_ms = $3 WHERE id = $1 AND status = 'held'",
+        &[&held.id, &status.as_str(), &now_ms],
+    )
+    .await
+    .map_err(db_error)?;
+    if status == ReservationStatus::Captured {
+        tx.execute(
+            "UPDATE accounts SET balance_minor = balance_minor - $2, reserved_minor = reserved_minor - $2
+             WHERE customer_id = $1",
+            &[&held.customer, &amount],
+        )
+        .await
+    } else {
+        tx.execute(
+            "UPDATE accounts SET reserved_minor = reserved_minor - $2,
+                 outflow_minor = CASE WHEN outflow_day = $3 THEN greatest(outflow_minor - $2, 0) ELSE outflow_minor END
+             WHERE customer_id = $1",
+            &[&held.customer, &amount, &day],
+        )
+        .await
+    }
+    .map_err(db_error)?;
+    Ok(())
 }
 
 #[cfg(test)]

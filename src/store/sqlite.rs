@@ -43,6 +43,10 @@ use super::{
     Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
     RiskProfile, Store, StoreError, StoredResponse,
 };
+use super::{
+    Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
+    Settlement, refusal_reason,
+};
 use crate::domain::{
     Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId, format_minor,
 };
@@ -58,7 +62,10 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// WAL pages after which the writer checkpoints by itself (the checkpoint thread is behind).
 const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../migrations/sqlite/0002_review.sql"),
+];
 
 /// What a job asks of its savepoint once it has run.
 enum Savepointed<T> {
@@ -621,4 +628,237 @@ impl Store for SqliteStore {
         }
         self.readers.lock().clear();
     }
+
+    async fn list_cases(
+        &self,
+        status: Option<CaseStatus>,
+        limit: u32,
+    ) -> Result<Vec<Case>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {CASE_COLUMNS} FROM cases
+                 WHERE (?1 IS NULL OR status = ?1) ORDER BY created_ms DESC, id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(
+                params![status.map(CaseStatus::as_str), limit],
+                case_from_row,
+            )?;
+            rows.collect()
+        })
+    }
+
+    async fn case(&self, id: &str) -> Result<Option<Case>, StoreError> {
+        self.read(|conn| read_case(conn, id))
+    }
+
+    async fn resolve_case(&self, r: CaseResolution) -> Result<Resolved, StoreError> {
+        self.write(move |conn| {
+            let Some(case) = read_case(conn, &r.case_id)? else {
+                return Ok(Savepointed::Keep(Resolved::NotFound));
+            };
+            if case.status != CaseStatus::Open {
+                return Ok(Savepointed::Keep(Resolved::AlreadyResolved(Box::new(case))));
+            }
+            let amount = case.amount.minor();
+            let currency = case.amount.currency();
+            let mut reservation_id = None;
+            if r.approve {
+                let day = r.now_ms.div_euclid(86_400_000);
+                let reserved = conn.prepare_cached(RESERVE)?.execute(params![
+                    amount,
+                    day,
+                    case.customer,
+                    currency.code(),
+                    r.daily_limit_minor
+                ])?;
+                if reserved == 0 {
+                    let account: Option<(String, i64)> = conn
+                        .prepare_cached(
+                            "SELECT currency, balance_minor - reserved_minor FROM accounts WHERE customer_id = ?1",
+                        )?
+                        .query_row([&case.customer], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .optional()?;
+                    let reason = refusal_reason(
+                        account.as_ref().map(|(c, a)| (c.as_str(), *a)),
+                        currency.code(),
+                        amount,
+                    );
+                    return Ok(Savepointed::Keep(Resolved::Refused(reason)));
+                }
+                conn.prepare_cached(
+                    "INSERT INTO reservations (id, customer_id, payee_id, amount_minor, currency, request_id, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(params![
+                    r.reservation_id,
+                    case.customer,
+                    case.payee,
+                    amount,
+                    currency.code(),
+                    case.request_id,
+                    r.now_ms
+                ])?;
+                reservation_id = Some(r.reservation_id.clone());
+            }
+            let status = if r.approve { CaseStatus::Approved } else { CaseStatus::Declined };
+            conn.prepare_cached(
+                "UPDATE cases SET status = ?2, resolved_ms = ?3, resolution_note = ?4, reservation_id = ?5
+                 WHERE id = ?1",
+            )?
+            .execute(params![r.case_id, status.as_str(), r.now_ms, r.note, reservation_id])?;
+            let case = read_case(conn, &r.case_id)?;
+            Ok(Savepointed::Keep(match case {
+                Some(case) => Resolved::Done(Box::new(case)),
+                None => Resolved::NotFound,
+            }))
+        })
+        .await
+    }
+
+    async fn reservation(&self, id: &str) -> Result<Option<Reservation>, StoreError> {
+        self.read(|conn| read_reservation(conn, id))
+    }
+
+    async fn settle_reservation(
+        &self,
+        id: &str,
+        to: Settlement,
+        now_ms: i64,
+    ) -> Result<Settled, StoreError> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            let Some(held) = read_reservation(conn, &id)? else {
+                return Ok(Savepointed::Keep(Settled::NotFound));
+            };
+            if held.status != ReservationStatus::Held {
+                return Ok(Savepointed::Keep(Settled::NotHeld(held)));
+            }
+            let status = match to {
+                Settlement::Capture => ReservationStatus::Captured,
+                Settlement::Release => ReservationStatus::Released,
+            };
+            settle(conn, &held, status, now_ms)?;
+            Ok(Savepointed::Keep(match read_reservation(conn, &id)? {
+                Some(r) => Settled::Done(r),
+                None => Settled::NotFound,
+            }))
+        })
+        .await
+    }
+
+    async fn expire_reservations(
+        &self,
+        created_before_ms: i64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let ids: Vec<String> = conn
+                .prepare_cached(
+                    "SELECT id FROM reservations WHERE status = 'held' AND created_ms < ?1 LIMIT 5000",
+                )?
+                .query_map([created_before_ms], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for id in &ids {
+                if let Some(held) = read_reservation(conn, id)? {
+                    settle(conn, &held, ReservationStatus::Expired, now_ms)?;
+                }
+            }
+            Ok(Savepointed::Keep(ids.len() as u64))
+        })
+        .await
+    }
+}
+
+const CASE_COLUMNS: &str =
+    "id, status, decision, reasons, customer_id, payee_id, amount_minor, currency,
+    request_id, created_ms, trace, resolved_ms, resolution_note, reservation_id";
+
+fn bad_row(what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(0, format!("{what} {value:?}"), rusqlite::types::Type::Text)
+}
+
+fn case_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Case> {
+    let status: String = row.get(1)?;
+    let decision: String = row.get(2)?;
+    let reasons: String = row.get(3)?;
+    let currency: String = row.get(7)?;
+    let trace: String = row.get(10)?;
+    let currency = Currency::parse(&currency).map_err(|_| bad_row("currency", &currency))?;
+    Ok(Case {
+        id: row.get(0)?,
+        status: CaseStatus::parse(&status).ok_or_else(|| bad_row("case status", &status))?,
+        decision: serde_json::from_value(serde_json::Value::String(decision.clone()))
+            .map_err(|_| bad_row("decision", &decision))?,
+        reasons: serde_json::from_str(&reasons).map_err(|_| bad_row("reasons", &reasons))?,
+        customer: row.get(4)?,
+        payee: row.get(5)?,
+        amount: Money::from_minor(row.get(6)?, currency),
+        request_id: row.get(8)?,
+        created_ms: row.get(9)?,
+        trace: serde_json::from_str(&trace).map_err(|_| bad_row("trace", "…"))?,
+        resolved_ms: row.get(11)?,
+        resolution_note: row.get(12)?,
+        reservation_id: row.get(13)?,
+    })
+}
+
+fn read_case(conn: &Connection, id: &str) -> rusqlite::Result<Option<Case>> {
+    conn.prepare_cached(&format!("SELECT {CASE_COLUMNS} FROM cases WHERE id = ?1"))?
+        .query_row([id], case_from_row)
+        .optional()
+}
+
+fn read_reservation(conn: &Connection, id: &str) -> rusqlite::Result<Option<Reservation>> {
+    conn.prepare_cached(
+        "SELECT id, status, customer_id, payee_id, amount_minor, currency, request_id, created_ms, settled_ms
+         FROM reservations WHERE id = ?1",
+    )?
+    .query_row([id], |row| {
+        let status: String = row.get(1)?;
+        let currency: String = row.get(5)?;
+        let currency = Currency::parse(&currency).map_err(|_| bad_row("currency", &currency))?;
+        Ok(Reservation {
+            id: row.get(0)?,
+            status: ReservationStatus::parse(&status).ok_or_else(|| bad_row("reservation status", &status))?,
+            customer: row.get(2)?,
+            payee: row.get(3)?,
+            amount: Money::from_minor(row.get(4)?, currency),
+            request_id: row.get(6)?,
+            created_ms: row.get(7)?,
+            settled_ms: row.get(8)?,
+        })
+    })
+    .optional()
+}
+
+/// Moves a held reservation to `status` and gives its money back to the account: out of the
+/// balance on capture, back to available otherwise. A release on the day it was made also
+/// lowers that day's outflow.
+fn settle(
+    conn: &Connection,
+    held: &Reservation,
+    status: ReservationStatus,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    let amount = held.amount.minor();
+    let day = held.created_ms.div_euclid(86_400_000);
+    conn.prepare_cached(
+        "UPDATE reservations SET status = ?2, settled_ms = ?3 WHERE id = ?1 AND status = 'held'",
+    )?
+    .execute(params![held.id, status.as_str(), now_ms])?;
+    if status == ReservationStatus::Captured {
+        conn.prepare_cached(
+            "UPDATE accounts SET balance_minor = balance_minor - ?2, reserved_minor = reserved_minor - ?2
+             WHERE customer_id = ?1",
+        )?
+        .execute(params![held.customer, amount])?;
+    } else {
+        conn.prepare_cached(
+            "UPDATE accounts SET reserved_minor = reserved_minor - ?2,
+                 outflow_minor = CASE WHEN outflow_day = ?3 THEN max(outflow_minor - ?2, 0) ELSE outflow_minor END
+             WHERE customer_id = ?1",
+        )?
+        .execute(params![held.customer, amount, day])?;
+    }
+    Ok(())
 }

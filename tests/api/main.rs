@@ -11,4 +11,5 @@ mod ops;
 mod process;
 mod ratelimit;
 mod ratelimit_redis;
+mod review;
 mod validation;

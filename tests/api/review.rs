@@ -1,0 +1,222 @@
+//! Reviewers: cases opened by review/block decisions, and the reservation lifecycle.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{API_KEY, Backend, TestApp, no_rate_limit, payment, spawn_with};
+
+crate::on_every_backend!(
+    a_reviewed_payment_opens_a_case_a_reviewer_can_approve,
+    an_approval_that_no_longer_fits_is_refused_and_the_case_stays_open,
+    reservations_are_captured_or_released_once,
+    held_reservations_expire_after_their_ttl,
+    review_endpoints_refuse_bad_input,
+);
+
+async fn post(app: &TestApp, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = app.client.post(app.url(path)).header("X-API-Key", API_KEY);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let res = req.send().await.unwrap();
+    (res.status().as_u16(), res.json().await.unwrap())
+}
+
+async fn get(app: &TestApp, path: &str) -> (u16, Value) {
+    let res = app.get(path).await;
+    (res.status().as_u16(), res.json().await.unwrap())
+}
+
+async fn a_reviewed_payment_opens_a_case_a_reviewer_can_approve(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    let (_, decided) = app
+        .decide_json(&payment("c_rich", "1500.00", "p_new"))
+        .await;
+    assert_eq!(decided["decision"], "review");
+    let case_id = decided["caseId"].as_str().unwrap().to_owned();
+
+    let (status, list) = get(&app, "/cases?status=open").await;
+    assert_eq!(status, 200);
+    assert_eq!(list["cases"][0]["id"], case_id.as_str());
+    let (status, case) = get(&app, &format!("/cases/{case_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(case["status"], "open");
+    assert_eq!(case["reasons"], json!(["new_payee_high_amount"]));
+    assert_eq!(case["amount"], "1500.00");
+    assert_eq!(case["requestId"], decided["requestId"]);
+    assert_eq!(case["agentTrace"], decided["agentTrace"]);
+
+    let (status, approved) = post(
+        &app,
+        &format!("/cases/{case_id}/resolve"),
+        Some(json!({"action": "approve", "note": "customer confirmed by phone"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{approved}");
+    assert_eq!(approved["status"], "approved");
+    assert_eq!(approved["resolutionNote"], "customer confirmed by phone");
+    let reservation_id = approved["reservationId"].as_str().unwrap();
+    let (_, reservation) = get(&app, &format!("/reservations/{reservation_id}")).await;
+    assert_eq!(reservation["status"], "held");
+    assert_eq!(reservation["amount"], "1500.00");
+    // The approval reserved the money: 48500.00 is what is left.
+    let (_, over) = app
+        .decide_json(&payment("c_rich", "48500.01", "p_789"))
+        .await;
+    assert_eq!(over["reasons"][0], "insufficient_funds");
+
+    let (status, again) = post(
+        &app,
+        &format!("/cases/{case_id}/resolve"),
+        Some(json!({"action": "decline"})),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert_eq!(again["code"], "case_already_resolved");
+    let (_, open) = get(&app, "/cases?status=open").await;
+    assert!(
+        open["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["id"] != case_id.as_str())
+    );
+    app.stop().await;
+}
+
+async fn an_approval_that_no_longer_fits_is_refused_and_the_case_stays_open(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    let (_, decided) = app.decide_json(&payment("c_789", "125.50", "p_789")).await;
+    assert_eq!(decided["decision"], "block");
+    let case_id = decided["caseId"].as_str().unwrap().to_owned();
+    let (status, refused) = post(
+        &app,
+        &format!("/cases/{case_id}/resolve"),
+        Some(json!({"action": "approve"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["code"], "approval_refused");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient_funds")
+    );
+    let (_, case) = get(&app, &format!("/cases/{case_id}")).await;
+    assert_eq!(case["status"], "open");
+    // The balance is untouched: 50.00 still fits.
+    let (_, fits) = app.decide_json(&payment("c_789", "50.00", "p_789")).await;
+    assert_eq!(fits["decision"], "allow", "{fits}");
+    let (status, declined) = post(
+        &app,
+        &format!("/cases/{case_id}/resolve"),
+        Some(json!({"action": "decline"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(declined["status"], "declined");
+    assert!(declined.get("reservationId").is_none());
+    app.stop().await;
+}
+
+async fn reservations_are_captured_or_released_once(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    let (_, first) = app.decide_json(&payment("c_456", "600.00", "p_789")).await;
+    let first_id = first["reservationId"].as_str().unwrap().to_owned();
+    // Released: the 600.00 is available again.
+    let (status, released) = post(&app, &format!("/reservations/{first_id}/release"), None).await;
+    assert_eq!(status, 200, "{released}");
+    assert_eq!(released["status"], "released");
+    let (status, twice) = post(&app, &format!("/reservations/{first_id}/capture"), None).await;
+    assert_eq!(status, 409);
+    assert_eq!(twice["code"], "reservation_not_held");
+    let (_, all) = app.decide_json(&payment("c_456", "1000.00", "p_789")).await;
+    assert_eq!(all["decision"], "allow", "{all}");
+    // Captured: the money has left the balance for good.
+    let all_id = all["reservationId"].as_str().unwrap().to_owned();
+    let (status, captured) = post(&app, &format!("/reservations/{all_id}/capture"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(captured["status"], "captured");
+    assert!(captured["settledMs"].as_i64().unwrap() > 0);
+    let (_, nothing) = app.decide_json(&payment("c_456", "0.01", "p_789")).await;
+    assert_eq!(nothing["reasons"][0], "insufficient_funds");
+    let trace_balance = nothing["agentTrace"][1]["detail"].as_str().unwrap();
+    assert_eq!(trace_balance, "balance=0.00");
+    let (status, _) = post(&app, &format!("/reservations/{all_id}/release"), None).await;
+    assert_eq!(status, 409);
+    app.stop().await;
+}
+
+async fn held_reservations_expire_after_their_ttl(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    let (_, held) = app.decide_json(&payment("c_456", "1000.00", "p_789")).await;
+    let id = held["reservationId"].as_str().unwrap().to_owned();
+    // A second handle on the same database runs the sweep as the background task would.
+    let state = paynow::startup::build_state(app.config.clone())
+        .await
+        .unwrap();
+    let now = paynow::store::now_ms();
+    assert_eq!(
+        state
+            .store
+            .expire_reservations(now - 60_000, now)
+            .await
+            .unwrap(),
+        0,
+        "too young"
+    );
+    assert_eq!(
+        state.store.expire_reservations(now + 1, now).await.unwrap(),
+        1
+    );
+    state.store.close().await;
+    let (_, r) = get(&app, &format!("/reservations/{id}")).await;
+    assert_eq!(r["status"], "expired");
+    let (_, again) = app.decide_json(&payment("c_456", "1000.00", "p_789")).await;
+    assert_eq!(
+        again["decision"], "allow",
+        "the expired hold gave the money back: {again}"
+    );
+    app.stop().await;
+}
+
+async fn review_endpoints_refuse_bad_input(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    let (_, decided) = app.decide_json(&payment("c_123", "10.00", "p_789")).await;
+    let case_id = decided["caseId"].as_str().unwrap().to_owned();
+    let resolve = format!("/cases/{case_id}/resolve");
+    for (body, field) in [
+        (json!({"action": "maybe"}), "action"),
+        (json!({"action": "approve", "extra": 1}), "extra"),
+        (json!({"note": "no action"}), "action"),
+        (
+            json!({"action": "decline", "note": "x".repeat(1001)}),
+            "note",
+        ),
+    ] {
+        let (status, problem) = post(&app, &resolve, Some(body.clone())).await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(problem["errors"][0]["field"], field, "{body}: {problem}");
+    }
+    for path in [
+        "/cases/case_nope",
+        "/reservations/res_nope",
+        "/cases/..%2Fetc",
+    ] {
+        let (status, problem) = get(&app, path).await;
+        assert_eq!(status, 404, "{path}");
+        assert_eq!(problem["code"], "not_found");
+    }
+    let (status, _) = post(&app, "/reservations/res_nope/capture", None).await;
+    assert_eq!(status, 404);
+    for query in ["status=closed", "limit=0", "limit=x", "sort=asc"] {
+        let (status, _) = get(&app, &format!("/cases?{query}")).await;
+        assert_eq!(status, 422, "{query}");
+    }
+    let res = app.client.get(app.url("/cases")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    // The case is still open after all that.
+    let (_, case) = get(&app, &format!("/cases/{case_id}")).await;
+    assert_eq!(case["status"], "open");
+    app.stop().await;
+}
