@@ -139,9 +139,29 @@ impl DecisionRecord {
         self.now_ms.div_euclid(86_400_000)
     }
 
-    /// The reservation lost a race at commit: turn the answer into a block, with the trace
-    /// saying why.
-    pub fn refuse_reservation(&mut self, reason: Reason, detail: String) {
+    /// The reservation did not fit at commit, with `available` and today's `outflow` (minor
+    /// units) as the account has them now: a concurrent payment took the funds or reached
+    /// the daily limit. The answer becomes a block, and the trace says why.
+    pub fn refuse_reservation(&mut self, available: i64, outflow: i64) {
+        let amount = self.payment.amount;
+        let show = |minor| crate::domain::format_minor(minor, amount.currency().exponent());
+        let (reason, detail) = if amount.minor() > available {
+            (
+                Reason::InsufficientFunds,
+                format!(
+                    "reservation refused: a concurrent payment took the funds (available={})",
+                    show(available)
+                ),
+            )
+        } else {
+            (
+                Reason::LimitExceeded,
+                format!(
+                    "reservation refused: concurrent payments reached the daily limit (today's outflow={})",
+                    show(outflow)
+                ),
+            )
+        };
         self.outcome.refuse_at_commit(reason, detail);
     }
 

@@ -48,9 +48,7 @@ use super::{
     Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
     Settlement, refusal_reason,
 };
-use crate::domain::{
-    Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId, format_minor,
-};
+use crate::domain::{Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId};
 use crate::fixtures::CustomerFixture;
 
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -422,25 +420,7 @@ impl PostgresStore {
             ));
         }
 
-        let show = |m| format_minor(m, currency.exponent());
-        let (reason, detail) = if amount > available {
-            (
-                Reason::InsufficientFunds,
-                format!(
-                    "reservation refused: a concurrent payment took the funds (available={})",
-                    show(available)
-                ),
-            )
-        } else {
-            (
-                Reason::LimitExceeded,
-                format!(
-                    "reservation refused: concurrent payments reached the daily limit (today's outflow={})",
-                    show(outflow)
-                ),
-            )
-        };
-        rec.refuse_reservation(reason, detail);
+        rec.refuse_reservation(available, outflow);
         let body = rec.response_body();
         if Self::run_not_allow(&tx, &rec, token, &body).await? {
             tx.commit().await.map_err(db_error)?;

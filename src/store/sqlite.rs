@@ -47,9 +47,7 @@ use super::{
     Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
     Settlement, refusal_reason,
 };
-use crate::domain::{
-    Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId, format_minor,
-};
+use crate::domain::{Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId};
 use crate::fixtures::CustomerFixture;
 
 /// Most jobs committed in one transaction.
@@ -341,25 +339,7 @@ fn apply_decision(
                 .query_row(params![customer, day], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             let (available, outflow) = now.unwrap_or((0, 0));
-            let show = |m| format_minor(m, currency.exponent());
-            let (reason, detail) = if amount > available {
-                (
-                    Reason::InsufficientFunds,
-                    format!(
-                        "reservation refused: a concurrent payment took the funds (available={})",
-                        show(available)
-                    ),
-                )
-            } else {
-                (
-                    Reason::LimitExceeded,
-                    format!(
-                        "reservation refused: concurrent payments reached the daily limit (today's outflow={})",
-                        show(outflow)
-                    ),
-                )
-            };
-            rec.refuse_reservation(reason, detail);
+            rec.refuse_reservation(available, outflow);
         }
     }
 
