@@ -93,7 +93,8 @@ pub fn run() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(&args).map_err(anyhow::Error::msg)?;
-    crate::telemetry::init(config.log_format);
+    // Held until `serve` returns, so the last lines (shutdown) are written out.
+    let _logs = crate::telemetry::init(config.log_format);
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (PAYNOW_BIND): {e}", config.bind))?;
