@@ -22,6 +22,10 @@ use crate::config::LogFormat;
 const QUEUE_LINES: usize = 16 * 1024;
 /// The writer's buffer: a batch of lines leaves in one write of at most this size.
 const WRITE_BUFFER: usize = 64 * 1024;
+/// After each write the writer thread lets lines gather this long before it looks again.
+/// A thread waiting for the next line must be woken, a system call on the logging thread,
+/// for every line; a sleeping one is not. Lines reach stdout at most this much later.
+const GATHER: Duration = Duration::from_millis(2);
 
 enum Message {
     Line(Vec<u8>),
@@ -77,6 +81,7 @@ fn write_lines(out: impl Write, lines: Receiver<Message>) {
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
+        std::thread::sleep(GATHER);
     }
     let _ = out.flush();
 }
