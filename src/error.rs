@@ -45,8 +45,15 @@ pub enum AppError {
     IdempotencyKeyReused,
     #[error("a request with this idempotency key is still being processed; retry shortly")]
     IdempotencyInProgress,
+    /// No route matches the path.
     #[error("no such resource")]
     NotFound,
+    /// The route exists, the record does not; `code` says which kind, e.g. `case_not_found`.
+    #[error("no such {what}")]
+    NoSuch {
+        code: &'static str,
+        what: &'static str,
+    },
     /// The resource is not in a state that allows this; the code says which.
     #[error("{1}")]
     Conflict(&'static str, String),
@@ -61,6 +68,16 @@ pub enum AppError {
 }
 
 pub type Result<T, E = AppError> = std::result::Result<T, E>;
+
+impl From<crate::store::StoreError> for AppError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Unavailable(cause) => AppError::StoreUnavailable(cause),
+            // A schema that does not match the code is our bug, not an outage.
+            crate::store::StoreError::Internal(cause) => AppError::Internal(cause),
+        }
+    }
+}
 
 /// RFC 9457 problem details, plus `code`, `requestId` and per-field `errors`.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -95,7 +112,7 @@ impl AppError {
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::IdempotencyInProgress | AppError::Conflict(..) => StatusCode::CONFLICT,
-            AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::NotFound | AppError::NoSuch { .. } => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::Timeout | AppError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -113,6 +130,7 @@ impl AppError {
             AppError::IdempotencyKeyReused => "idempotency_key_reused",
             AppError::IdempotencyInProgress => "idempotency_in_progress",
             AppError::NotFound => "not_found",
+            AppError::NoSuch { code, .. } => code,
             AppError::Conflict(code, _) => code,
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Timeout => "request_timeout",
@@ -131,7 +149,7 @@ impl AppError {
             AppError::RateLimited(_) => "Too many requests",
             AppError::IdempotencyKeyReused => "Idempotency key reused",
             AppError::IdempotencyInProgress => "Request in progress",
-            AppError::NotFound => "Not found",
+            AppError::NotFound | AppError::NoSuch { .. } => "Not found",
             AppError::Conflict(..) => "Conflict",
             AppError::MethodNotAllowed => "Method not allowed",
             AppError::Timeout => "Request timeout",

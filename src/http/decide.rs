@@ -15,8 +15,7 @@ use crate::domain::{
 use crate::error::{AppError, FieldError, rate_limit_headers};
 use crate::ratelimit::RateDecision;
 use crate::store::{
-    Begin, CommitOutcome, DecisionRecord, IdempotencyScope, Lookup, StoreError, StoredResponse,
-    now_ms,
+    Begin, CommitOutcome, DecisionRecord, IdempotencyScope, Lookup, StoredResponse, now_ms,
 };
 
 /// A payment to decide. Unknown fields are refused.
@@ -194,10 +193,6 @@ fn replay(stored: StoredResponse) -> Response {
     res
 }
 
-fn store_error(e: StoreError) -> AppError {
-    AppError::StoreUnavailable(e.to_string())
-}
-
 fn with_rate_headers(mut res: Response, limit: &RateDecision) -> Response {
     rate_limit_headers(&mut res, limit);
     res
@@ -247,7 +242,7 @@ pub async fn decide_payment(
         .store
         .begin_idempotent(&scope, &fingerprint, now)
         .await
-        .map_err(store_error)?
+        .map_err(AppError::from)?
     {
         Begin::Fresh(claim) => claim,
         Begin::Replay(stored) => {
@@ -280,7 +275,7 @@ pub async fn decide_payment(
         .store
         .commit_decision(record)
         .await
-        .map_err(store_error)?
+        .map_err(AppError::from)?
     {
         CommitOutcome::Committed(c) => c,
         CommitOutcome::Duplicate => {
@@ -290,7 +285,7 @@ pub async fn decide_payment(
                 .store
                 .find_response(&scope, &fingerprint, now_ms())
                 .await
-                .map_err(store_error)?
+                .map_err(AppError::from)?
             {
                 Some(Lookup::Replay(stored)) => {
                     app.metrics.replayed();

@@ -6,11 +6,11 @@ use axum::extract::{Path, RawQuery, State};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiJson, AppState};
-use crate::domain::{Money, new_id};
+use crate::domain::{Decision, Money, new_id};
 use crate::error::{AppError, FieldError};
 use crate::store::{
     Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
-    Settlement, StoreError, now_ms,
+    Settlement, now_ms,
 };
 
 /// A case as a reviewer sees it.
@@ -122,19 +122,24 @@ impl From<Reservation> for ReservationResponse {
     }
 }
 
-fn store_error(e: StoreError) -> AppError {
-    AppError::StoreUnavailable(e.to_string())
-}
+const NO_CASE: AppError = AppError::NoSuch {
+    code: "case_not_found",
+    what: "case",
+};
+const NO_RESERVATION: AppError = AppError::NoSuch {
+    code: "reservation_not_found",
+    what: "reservation",
+};
 
 /// Ids we issue are short and plain; anything else cannot exist.
-fn checked_id(id: &str) -> Result<&str, AppError> {
+fn checked_id(id: &str, missing: AppError) -> Result<&str, AppError> {
     if !id.is_empty()
         && id.len() <= 64
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
     {
         Ok(id)
     } else {
-        Err(AppError::NotFound)
+        Err(missing)
     }
 }
 
@@ -193,7 +198,7 @@ pub async fn list_cases(
         .store
         .list_cases(status, limit)
         .await
-        .map_err(store_error)?;
+        .map_err(AppError::from)?;
     Ok(Json(CaseList {
         cases: cases.into_iter().map(CaseResponse::from).collect(),
     }))
@@ -214,10 +219,10 @@ pub async fn get_case(
 ) -> Result<Json<CaseResponse>, AppError> {
     let case = app
         .store
-        .case(checked_id(&id)?)
+        .case(checked_id(&id, NO_CASE)?)
         .await
-        .map_err(store_error)?;
-    case.map(|c| Json(c.into())).ok_or(AppError::NotFound)
+        .map_err(AppError::from)?;
+    case.map(|c| Json(c.into())).ok_or(NO_CASE)
 }
 
 /// Approve (reserving the funds if they are still available) or decline an open case.
@@ -229,7 +234,7 @@ pub async fn get_case(
         (status = 200, description = "The resolved case", body = CaseResponse),
         (status = 401, description = "Missing or invalid API key", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such case", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already resolved, or the approval cannot reserve the funds (the case stays open)", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already resolved, a block (which cannot be approved), or the approval cannot reserve the funds (the case stays open)", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid request", body = crate::error::Problem, content_type = "application/problem+json"),
     ))]
 pub async fn resolve_case(
@@ -237,7 +242,7 @@ pub async fn resolve_case(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<ResolveRequest>,
 ) -> Result<Json<CaseResponse>, AppError> {
-    let id = checked_id(&id)?.to_owned();
+    let id = checked_id(&id, NO_CASE)?.to_owned();
     let approve = match body.action.as_str() {
         "approve" => true,
         "decline" => false,
@@ -259,8 +264,19 @@ pub async fn resolve_case(
         .store
         .case(&id)
         .await
-        .map_err(store_error)?
-        .ok_or(AppError::NotFound)?;
+        .map_err(AppError::from)?
+        .ok_or(NO_CASE)?;
+    // A block is final: its rules (blocklist, per-payment limit, unknown customer, …) are
+    // not a reviewer's to waive. Only payments sent to review can be approved.
+    if approve && case.decision != Decision::Review {
+        return Err(AppError::Conflict(
+            "case_not_approvable",
+            format!(
+                "a {} decision cannot be approved, only declined",
+                case.decision.as_str()
+            ),
+        ));
+    }
     let daily_limit_minor =
         Money::threshold_minor(app.agent.policy().daily_limit, case.amount.currency());
     let resolution = CaseResolution {
@@ -275,7 +291,7 @@ pub async fn resolve_case(
         .store
         .resolve_case(resolution)
         .await
-        .map_err(store_error)?
+        .map_err(AppError::from)?
     {
         Resolved::Done(case) => {
             tracing::info!(
@@ -286,7 +302,7 @@ pub async fn resolve_case(
             );
             Ok(Json((*case).into()))
         }
-        Resolved::NotFound => Err(AppError::NotFound),
+        Resolved::NotFound => Err(NO_CASE),
         Resolved::AlreadyResolved(case) => Err(AppError::Conflict(
             "case_already_resolved",
             format!("the case was already {}", case.status.as_str()),
@@ -316,10 +332,10 @@ pub async fn get_reservation(
 ) -> Result<Json<ReservationResponse>, AppError> {
     let found = app
         .store
-        .reservation(checked_id(&id)?)
+        .reservation(checked_id(&id, NO_RESERVATION)?)
         .await
-        .map_err(store_error)?;
-    found.map(|r| Json(r.into())).ok_or(AppError::NotFound)
+        .map_err(AppError::from)?;
+    found.map(|r| Json(r.into())).ok_or(NO_RESERVATION)
 }
 
 async fn settle(
@@ -327,18 +343,18 @@ async fn settle(
     id: String,
     to: Settlement,
 ) -> Result<Json<ReservationResponse>, AppError> {
-    let id = checked_id(&id)?;
+    let id = checked_id(&id, NO_RESERVATION)?;
     match app
         .store
         .settle_reservation(id, to, now_ms())
         .await
-        .map_err(store_error)?
+        .map_err(AppError::from)?
     {
         Settled::Done(r) => {
             tracing::info!(event = "reservation.settled", reservationId = %r.id, status = r.status.as_str());
             Ok(Json(r.into()))
         }
-        Settled::NotFound => Err(AppError::NotFound),
+        Settled::NotFound => Err(NO_RESERVATION),
         Settled::NotHeld(r) => Err(AppError::Conflict(
             "reservation_not_held",
             format!("the reservation is {}, not held", r.status.as_str()),

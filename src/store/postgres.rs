@@ -903,6 +903,12 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
+            tx.execute(
+                "INSERT INTO known_payees (customer_id, payee_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&case.customer, &case.payee],
+            )
+            .await
+            .map_err(db_error)?;
             reservation_id = Some(&r.reservation_id);
         }
         let status = if r.approve {

@@ -678,6 +678,10 @@ impl Store for SqliteStore {
                     case.request_id,
                     r.now_ms
                 ])?;
+                conn.prepare_cached(
+                    "INSERT OR IGNORE INTO known_payees (customer_id, payee_id) VALUES (?1, ?2)",
+                )?
+                .execute(params![case.customer, case.payee])?;
                 reservation_id = Some(r.reservation_id.clone());
             }
             let status = if r.approve { CaseStatus::Approved } else { CaseStatus::Declined };

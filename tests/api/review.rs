@@ -9,6 +9,7 @@ crate::on_every_backend!(
     an_approval_that_no_longer_fits_is_refused_and_the_case_stays_open,
     reservations_are_captured_or_released_once,
     held_reservations_expire_after_their_ttl,
+    a_blocked_payment_can_be_declined_but_never_approved,
     review_endpoints_refuse_bad_input,
 );
 
@@ -64,6 +65,12 @@ async fn a_reviewed_payment_opens_a_case_a_reviewer_can_approve(backend: Backend
         .await;
     assert_eq!(over["reasons"][0], "insufficient_funds");
 
+    // The approved payee is known from now on.
+    let (_, known) = app
+        .decide_json(&payment("c_rich", "1000.00", "p_new"))
+        .await;
+    assert_eq!(known["decision"], "allow", "{known}");
+
     let (status, again) = post(
         &app,
         &format!("/cases/{case_id}/resolve"),
@@ -85,37 +92,66 @@ async fn a_reviewed_payment_opens_a_case_a_reviewer_can_approve(backend: Backend
 
 async fn an_approval_that_no_longer_fits_is_refused_and_the_case_stays_open(backend: Backend) {
     let app = spawn_with(backend, no_rate_limit).await;
-    let (_, decided) = app.decide_json(&payment("c_789", "125.50", "p_789")).await;
-    assert_eq!(decided["decision"], "block");
+    let (_, decided) = app
+        .decide_json(&payment("c_rich", "1500.00", "p_new"))
+        .await;
+    assert_eq!(decided["decision"], "review");
     let case_id = decided["caseId"].as_str().unwrap().to_owned();
-    let (status, refused) = post(
-        &app,
-        &format!("/cases/{case_id}/resolve"),
-        Some(json!({"action": "approve"})),
-    )
-    .await;
+    // Meanwhile the day's limit (10000.00) is used up by allowed payments.
+    let (_, a) = app
+        .decide_json(&payment("c_rich", "5000.00", "p_789"))
+        .await;
+    let (_, b) = app
+        .decide_json(&payment("c_rich", "5000.00", "p_789"))
+        .await;
+    assert_eq!(
+        (a["decision"].as_str(), b["decision"].as_str()),
+        (Some("allow"), Some("allow"))
+    );
+    let resolve = format!("/cases/{case_id}/resolve");
+    let (status, refused) = post(&app, &resolve, Some(json!({"action": "approve"}))).await;
     assert_eq!(status, 409, "{refused}");
     assert_eq!(refused["code"], "approval_refused");
     assert!(
         refused["detail"]
             .as_str()
             .unwrap()
-            .contains("insufficient_funds")
+            .contains("limit_exceeded"),
+        "{refused}"
     );
     let (_, case) = get(&app, &format!("/cases/{case_id}")).await;
     assert_eq!(case["status"], "open");
-    // The balance is untouched: 50.00 still fits.
-    let (_, fits) = app.decide_json(&payment("c_789", "50.00", "p_789")).await;
-    assert_eq!(fits["decision"], "allow", "{fits}");
-    let (status, declined) = post(
-        &app,
-        &format!("/cases/{case_id}/resolve"),
-        Some(json!({"action": "decline"})),
-    )
-    .await;
+    // Releasing one hold makes room; now the approval goes through.
+    let hold = b["reservationId"].as_str().unwrap();
+    let (status, _) = post(&app, &format!("/reservations/{hold}/release"), None).await;
     assert_eq!(status, 200);
-    assert_eq!(declined["status"], "declined");
-    assert!(declined.get("reservationId").is_none());
+    let (status, approved) = post(&app, &resolve, Some(json!({"action": "approve"}))).await;
+    assert_eq!(status, 200, "{approved}");
+    assert_eq!(approved["status"], "approved");
+    app.stop().await;
+}
+
+async fn a_blocked_payment_can_be_declined_but_never_approved(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    for body in [
+        payment("c_456", "10.00", "p_blocked"),
+        payment("c_rich", "6000.00", "p_789"),
+        payment("c_789", "125.50", "p_789"),
+    ] {
+        let (_, decided) = app.decide_json(&body).await;
+        assert_eq!(decided["decision"], "block", "{decided}");
+        let resolve = format!("/cases/{}/resolve", decided["caseId"].as_str().unwrap());
+        let (status, problem) = post(&app, &resolve, Some(json!({"action": "approve"}))).await;
+        assert_eq!(status, 409, "{problem}");
+        assert_eq!(problem["code"], "case_not_approvable");
+        let (status, declined) = post(&app, &resolve, Some(json!({"action": "decline"}))).await;
+        assert_eq!(status, 200);
+        assert_eq!(declined["status"], "declined");
+        assert!(declined.get("reservationId").is_none());
+    }
+    // Nothing was reserved for c_456 by any of that.
+    let (_, all) = app.decide_json(&payment("c_456", "1000.00", "p_789")).await;
+    assert_eq!(all["decision"], "allow", "{all}");
     app.stop().await;
 }
 
@@ -198,14 +234,15 @@ async fn review_endpoints_refuse_bad_input(backend: Backend) {
         assert_eq!(status, 422, "{body}");
         assert_eq!(problem["errors"][0]["field"], field, "{body}: {problem}");
     }
-    for path in [
-        "/cases/case_nope",
-        "/reservations/res_nope",
-        "/cases/..%2Fetc",
+    for (path, code) in [
+        ("/cases/case_nope", "case_not_found"),
+        ("/reservations/res_nope", "reservation_not_found"),
+        ("/cases/..%2Fetc", "case_not_found"),
+        ("/nope/x", "not_found"),
     ] {
         let (status, problem) = get(&app, path).await;
         assert_eq!(status, 404, "{path}");
-        assert_eq!(problem["code"], "not_found");
+        assert_eq!(problem["code"], code, "{path}");
     }
     let (status, _) = post(&app, "/reservations/res_nope/capture", None).await;
     assert_eq!(status, 404);
