@@ -8,7 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{ApiJson, AppState, Caller, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, X_REQUEST_ID};
+use super::{
+    ApiJson, AppState, Caller, CommitStarted, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, X_REQUEST_ID,
+};
 use crate::domain::{
     Currency, CustomerId, IdempotencyKey, Money, PayeeId, Payment, RequestId, new_id,
 };
@@ -221,6 +223,7 @@ pub async fn decide_payment(
     State(app): State<AppState>,
     Extension(Caller(caller)): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
+    Extension(committing): Extension<CommitStarted>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<DecideRequest>,
 ) -> Result<Response, AppError> {
@@ -271,6 +274,7 @@ pub async fn decide_payment(
         idempotency_expires_ms: now + app.config.idempotency_ttl.as_millis() as i64,
         daily_limit_minor,
     };
+    committing.mark();
     let committed = match app
         .store
         .commit_decision(record)

@@ -28,6 +28,7 @@ use crate::ratelimit::DynLimiter;
 use crate::store::DynStore;
 
 pub use extract::{ApiJson, BodyLimit, parse_json};
+pub use observe::CommitStarted;
 
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

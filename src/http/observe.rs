@@ -1,6 +1,8 @@
 //! The outermost middleware: request id, deadline, problem bodies, one log line and the
 //! metrics of every request.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -11,6 +13,21 @@ use axum::response::{IntoResponse, Response};
 use super::{AppState, BodyLimit, X_REQUEST_ID};
 use crate::domain::RequestId;
 use crate::error::{AppError, InternalCause, Problem, problem_response};
+
+/// Set by a handler when it starts its commit: from then on the request deadline no longer
+/// cuts it short, so a timeout answer always means nothing was written.
+#[derive(Clone, Default)]
+pub struct CommitStarted(Arc<AtomicBool>);
+
+impl CommitStarted {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn started(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 pub async fn observe(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -31,8 +48,15 @@ pub async fn observe(State(app): State<AppState>, mut req: Request, next: Next) 
     req.extensions_mut()
         .insert(BodyLimit(app.config.body_limit_bytes));
 
-    let mut res = match tokio::time::timeout(app.config.request_timeout, next.run(req)).await {
+    let committing = CommitStarted::default();
+    req.extensions_mut().insert(committing.clone());
+    let handler = next.run(req);
+    tokio::pin!(handler);
+    let mut res = match tokio::time::timeout(app.config.request_timeout, &mut handler).await {
         Ok(res) => res,
+        // Past the deadline but already writing: the answer exists (or will in a moment), and
+        // a 503 would tell the client nothing was done. Wait for it instead.
+        Err(_) if committing.started() => handler.await,
         Err(_) => AppError::Timeout.into_response(),
     };
 

@@ -15,6 +15,7 @@ crate::on_every_backend!(
     a_timing_out_balance_tool_fails_safe_to_review,
     a_transient_tool_failure_is_retried,
     a_request_past_its_deadline_answers_503,
+    a_timeout_answer_means_nothing_was_written,
 );
 
 fn steps(body: &Value) -> Vec<(String, String)> {
@@ -318,5 +319,49 @@ async fn a_request_past_its_deadline_answers_503(backend: Backend) {
     assert_eq!(status, 503, "{problem}");
     assert_eq!(problem["code"], "request_timeout");
     assert!(problem["requestId"].as_str().unwrap().starts_with("req_"));
+    app.stop().await;
+}
+
+/// Deadlines that land before, during and after commits: every 503 must mean nothing was
+/// stored, and every 200 must be replayable.
+async fn a_timeout_answer_means_nothing_was_written(backend: Backend) {
+    let mut app = spawn_with(backend, no_rate_limit).await;
+    let mut sent: Vec<(Value, u16, bytes::Bytes)> = Vec::new();
+    // A sweep of deadlines, so that some land inside commits whatever this machine's speed.
+    for deadline_ms in [5, 15, 30, 50, 80, 120] {
+        app.config.request_timeout = std::time::Duration::from_millis(deadline_ms);
+        app = app.restart().await;
+        let bodies: Vec<Value> = (0..40)
+            .map(|_| payment("c_rich", "1.00", "p_789"))
+            .collect();
+        let answers = futures::future::join_all(bodies.iter().map(|b| async {
+            let res = app.decide(b).await;
+            (res.status().as_u16(), res.bytes().await.unwrap())
+        }))
+        .await;
+        sent.extend(bodies.into_iter().zip(answers).map(|(b, (s, a))| (b, s, a)));
+    }
+    app.config.request_timeout = std::time::Duration::from_secs(10);
+    let app = app.restart().await;
+    let (mut ok, mut timed_out) = (0, 0);
+    for (body, status, answer) in &sent {
+        let again = app.decide(body).await;
+        let replayed = again.headers().get("idempotent-replayed").is_some();
+        match status {
+            200 => {
+                ok += 1;
+                assert!(replayed, "an answered decision must replay");
+                assert_eq!(&again.bytes().await.unwrap(), answer);
+            }
+            503 => {
+                timed_out += 1;
+                let problem: Value = serde_json::from_slice(answer).unwrap();
+                assert_eq!(problem["code"], "request_timeout");
+                assert!(!replayed, "a 503 answer was stored: {body}");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    eprintln!("deadline sweep: {ok} answered, {timed_out} timed out");
     app.stop().await;
 }
