@@ -108,19 +108,26 @@ impl ApiKeys {
     /// Parses `API_KEY` and/or `API_KEYS` (`key` or `name:key`, comma-separated).
     pub fn parse(single: Option<&str>, list: Option<&str>) -> Result<Self, String> {
         let mut keys = Vec::new();
-        let entries = single
-            .into_iter()
-            .chain(list.into_iter().flat_map(|l| l.split(',')))
+        // `API_KEY` is one secret, taken whole (it may contain ':'); `API_KEYS` entries may
+        // be `name:key`.
+        let single = single
             .map(str::trim)
-            .filter(|e| !e.is_empty());
-        for entry in entries {
-            let (name, secret) = match entry.split_once(':') {
-                Some((name, secret)) => (name.trim().to_owned(), secret.trim()),
-                None => {
-                    // An unnamed key is known by a digest prefix: stable, and not the secret.
-                    let id = hex::encode(&digest(entry.as_bytes())[..4]);
-                    (format!("key-{id}"), entry)
-                }
+            .filter(|k| !k.is_empty())
+            .map(|k| (None, k));
+        let listed = list
+            .into_iter()
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|e| match e.split_once(':') {
+                Some((name, secret)) => (Some(name.trim()), secret.trim()),
+                None => (None, e),
+            });
+        for (name, secret) in single.into_iter().chain(listed) {
+            let name = match name {
+                Some(name) => name.to_owned(),
+                // An unnamed key is known by a digest prefix: stable, and not the secret.
+                None => format!("key-{}", hex::encode(&digest(secret.as_bytes())[..4])),
             };
             if secret.len() < 8 || secret.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
                 return Err(format!(
@@ -129,6 +136,9 @@ impl ApiKeys {
             }
             if name.is_empty() {
                 return Err("API key names (before ':') must not be empty".into());
+            }
+            if keys.iter().any(|k: &ApiKey| *k.name == *name) {
+                return Err(format!("API key name {name:?} is given twice"));
             }
             keys.push(ApiKey {
                 name: name.into(),
@@ -187,14 +197,16 @@ impl Config {
         if args.body_limit_bytes < 256 {
             return Err("PAYNOW_BODY_LIMIT_BYTES must be at least 256".into());
         }
-        if args.reservation_ttl_secs == 0 {
-            return Err("PAYNOW_RESERVATION_TTL_SECS must be at least 1".into());
+        // Upper bounds keep every derived millisecond count far inside an i64.
+        const TEN_YEARS_SECS: u64 = 10 * 366 * 86_400;
+        if args.reservation_ttl_secs == 0 || args.reservation_ttl_secs > TEN_YEARS_SECS {
+            return Err("PAYNOW_RESERVATION_TTL_SECS must be 1 second to 10 years".into());
         }
-        if args.idempotency_ttl_secs == 0 {
-            return Err("PAYNOW_IDEMPOTENCY_TTL_SECS must be at least 1".into());
+        if args.idempotency_ttl_secs == 0 || args.idempotency_ttl_secs > TEN_YEARS_SECS {
+            return Err("PAYNOW_IDEMPOTENCY_TTL_SECS must be 1 second to 10 years".into());
         }
-        if args.request_timeout_ms == 0 {
-            return Err("PAYNOW_REQUEST_TIMEOUT_MS must be at least 1".into());
+        if args.request_timeout_ms == 0 || args.request_timeout_ms > 600_000 {
+            return Err("PAYNOW_REQUEST_TIMEOUT_MS must be 1 to 600000".into());
         }
         if !(1..=1_000).contains(&args.db_pool_size) {
             return Err("PAYNOW_DB_POOL_SIZE must be between 1 and 1000".into());
@@ -282,6 +294,14 @@ mod tests {
         assert_eq!(&*keys.identify(b"rotated-key-2").unwrap(), "new");
         assert!(keys.identify(b"wrong").is_none());
         assert!(keys.identify(b"").is_none());
+    }
+
+    #[test]
+    fn a_single_key_is_taken_whole_even_with_a_colon() {
+        let keys = ApiKeys::parse(Some("my:secret-key-123"), None).unwrap();
+        assert!(keys.identify(b"my:secret-key-123").is_some());
+        assert!(keys.identify(b"secret-key-123").is_none());
+        assert!(ApiKeys::parse(None, Some("a:key-one-111,a:key-two-222")).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::domain::{Currency, CustomerId, Money, PayeeId};
+use crate::domain::{AmountError, Currency, CustomerId, Money, PayeeId};
 
 /// The shipped demo customers (`fixtures/customers.json`).
 pub const DEMO_CUSTOMERS: &str = include_str!("../fixtures/customers.json");
@@ -64,12 +64,15 @@ pub fn parse(text: &str) -> Result<Vec<CustomerFixture>, FixtureError> {
             let invalid = |problem: String| FixtureError::Invalid { index, problem };
             let currency =
                 Currency::parse(&row.currency).map_err(|e| invalid(format!("currency: {e}")))?;
-            // A zero balance is a legitimate account; parse it as cents directly.
-            let balance = if row.balance.trim() == "0" {
-                Money::from_minor(0, currency)
-            } else {
-                Money::parse(&row.balance, currency)
-                    .map_err(|e| invalid(format!("balance: {e}")))?
+            // A zero balance is a legitimate account ("0", "0.00"); amounts otherwise follow
+            // the request rules.
+            let balance = match Money::parse(&row.balance, currency) {
+                Err(AmountError::NotPositive)
+                    if row.balance.trim_start_matches(['0', '.']).is_empty() =>
+                {
+                    Money::from_minor(0, currency)
+                }
+                parsed => parsed.map_err(|e| invalid(format!("balance: {e}")))?,
             };
             Ok(CustomerFixture {
                 customer: CustomerId::parse(&row.customer_id)
@@ -123,6 +126,20 @@ mod tests {
         for c in &all {
             assert!(c.known_payees.iter().any(|p| p.as_str() == "p_789"));
         }
+    }
+
+    #[test]
+    fn a_zero_balance_is_an_account_too() {
+        for zero in ["0", "0.00", "0.0"] {
+            let text = format!(
+                r#"{{"customers":[{{"customerId":"c1","currency":"USD","balance":"{zero}"}}]}}"#
+            );
+            assert_eq!(parse(&text).unwrap()[0].balance.minor(), 0, "{zero}");
+        }
+        assert!(
+            parse(r#"{"customers":[{"customerId":"c1","currency":"USD","balance":"-1"}]}"#)
+                .is_err()
+        );
     }
 
     #[test]

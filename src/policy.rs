@@ -13,6 +13,10 @@ use serde::Deserialize;
 /// The shipped default policy (`policy/default.toml`).
 pub const DEFAULT_POLICY: &str = include_str!("../policy/default.toml");
 
+/// Largest threshold a policy may set, in major units: far above any real limit, and small
+/// enough that every currency's minor units fit in an `i64`.
+const MAX_THRESHOLD: i64 = 1_000_000_000_000;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
@@ -86,14 +90,39 @@ impl Policy {
     }
 
     fn check(&self) -> Result<(), PolicyError> {
+        let most = Decimal::from(MAX_THRESHOLD);
         for (value, what) in [
-            (self.high_amount, "high_amount must be positive"),
-            (self.per_payment_limit, "per_payment_limit must be positive"),
-            (self.daily_limit, "daily_limit must be positive"),
+            (
+                self.high_amount,
+                "high_amount must be positive and at most 10^12",
+            ),
+            (
+                self.per_payment_limit,
+                "per_payment_limit must be positive and at most 10^12",
+            ),
+            (
+                self.daily_limit,
+                "daily_limit must be positive and at most 10^12",
+            ),
         ] {
-            if value <= Decimal::ZERO {
+            if value <= Decimal::ZERO || value > most {
                 return Err(PolicyError::Invalid(what));
             }
+        }
+        if self.tools.deadline_ms > 60_000 {
+            return Err(PolicyError::Invalid(
+                "tools.deadline_ms must be at most 60000",
+            ));
+        }
+        if self.tools.retry_backoff_ms > 10_000 {
+            return Err(PolicyError::Invalid(
+                "tools.retry_backoff_ms must be at most 10000",
+            ));
+        }
+        if self.velocity.window_secs > 31 * 86_400 {
+            return Err(PolicyError::Invalid(
+                "velocity.window_secs must be at most 31 days",
+            ));
         }
         if self.tools.max_attempts == 0 || self.tools.max_attempts > 10 {
             return Err(PolicyError::Invalid("tools.max_attempts must be 1..=10"));
@@ -133,5 +162,9 @@ mod tests {
         let unknown = format!("{DEFAULT_POLICY}\nsurprise = 1\n");
         assert!(Policy::parse(&unknown).is_err());
         assert!(Policy::parse("high_amount = 1000.0").is_err());
+        let huge = DEFAULT_POLICY.replace("\"10000.00\"", "\"79228162514264337593543950335\"");
+        assert!(Policy::parse(&huge).is_err());
+        let long = DEFAULT_POLICY.replace("window_secs = 600", "window_secs = 99999999999");
+        assert!(Policy::parse(&long).is_err());
     }
 }

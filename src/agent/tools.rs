@@ -31,6 +31,13 @@ pub trait Tool: Send + Sync {
 pub type BalanceTool = Arc<dyn Tool<Output = Option<Account>>>;
 pub type RiskTool = Arc<dyn Tool<Output = Option<RiskProfile>>>;
 
+/// The trace (and so the response and the case) says only that storage failed; the cause,
+/// which may carry driver or server text, goes to the log.
+fn store_failure(tool: &'static str, e: crate::store::StoreError) -> ToolError {
+    tracing::warn!(event = "tool.store_error", tool, error = %e);
+    ToolError::Failed("storage error".into())
+}
+
 /// `getBalance`: the account's currency, balance, reservations and today's outflow.
 pub struct StoreBalance(pub DynStore);
 
@@ -44,7 +51,7 @@ impl Tool for StoreBalance {
         self.0
             .account(&payment.customer)
             .await
-            .map_err(|e| ToolError::Failed(e.to_string()))
+            .map_err(|e| store_failure(self.name(), e))
     }
 }
 
@@ -61,7 +68,7 @@ impl Tool for StoreRiskSignals {
         self.0
             .risk_profile(&payment.customer, &payment.payee, since_ms)
             .await
-            .map_err(|e| ToolError::Failed(e.to_string()))
+            .map_err(|e| store_failure(self.name(), e))
     }
 }
 

@@ -117,8 +117,7 @@ pub enum AmountError {
 impl Money {
     /// Parses the exact decimal text of an amount (`"125.50"`, `"1e3"`, `"42"`) for `currency`.
     pub fn parse(text: &str, currency: Currency) -> Result<Self, AmountError> {
-        let text = text.trim();
-        if text.is_empty() || text.len() > 64 {
+        if text.len() > 64 || !is_plain_number(text) {
             return Err(AmountError::NotANumber);
         }
         let value = if text.contains(['e', 'E']) {
@@ -152,10 +151,13 @@ impl Money {
     }
 
     /// A threshold from the policy (any non-negative decimal) in `currency`'s minor units,
-    /// rounded down: a limit is never made larger by rounding.
+    /// rounded down: a limit is never made larger by rounding. Thresholds too large to
+    /// represent saturate (the policy bounds them at load, so this is belt and braces).
     pub fn threshold_minor(value: Decimal, currency: Currency) -> i64 {
-        let scaled = (value * Decimal::from(10_i64.pow(currency.exponent()))).floor();
-        i64::try_from(scaled).unwrap_or(i64::MAX)
+        value
+            .checked_mul(Decimal::from(10_i64.pow(currency.exponent())))
+            .and_then(|scaled| i64::try_from(scaled.floor()).ok())
+            .unwrap_or(i64::MAX)
     }
 
     pub const fn from_minor(minor: i64, currency: Currency) -> Self {
@@ -169,6 +171,39 @@ impl Money {
     pub fn currency(&self) -> Currency {
         self.currency
     }
+}
+
+/// The JSON number grammar, sign allowed: `-?digits(.digits)?([eE][+-]?digits)?`. Refuses
+/// what looser decimal parsers take (`1_000`, ` 12`, `+5`, `.5`, `1.`).
+fn is_plain_number(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while *i < b.len() && b[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i > start
+    };
+    if !digits(&mut i) {
+        return false;
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    i == b.len()
 }
 
 /// Writes `minor` units with exactly `exponent` decimals: `format_minor(30000, 2)` is `300.00`.
@@ -261,6 +296,15 @@ mod tests {
         assert_eq!(Money::parse("abc", usd), Err(AmountError::NotANumber));
         assert_eq!(Money::parse("NaN", usd), Err(AmountError::NotANumber));
         assert_eq!(Money::parse("", usd), Err(AmountError::NotANumber));
+        for loose in [
+            "1_000", "1_5", " 12.5", "12.5 ", "+12.5", ".5", "1.", "1e", "1e+", "0x10", "1,5", "١٢",
+        ] {
+            assert_eq!(
+                Money::parse(loose, usd),
+                Err(AmountError::NotANumber),
+                "{loose:?}"
+            );
+        }
         assert_eq!(
             Money::parse("99999999999999999999999999999999", usd),
             Err(AmountError::NotANumber)
@@ -293,5 +337,6 @@ mod tests {
         assert_eq!(Money::threshold_minor(d, cur("JPY")), 1000);
         let d = Decimal::from_str_exact("0.999").unwrap();
         assert_eq!(Money::threshold_minor(d, cur("USD")), 99);
+        assert_eq!(Money::threshold_minor(Decimal::MAX, cur("BHD")), i64::MAX);
     }
 }

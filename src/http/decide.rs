@@ -29,7 +29,7 @@ pub struct DecideRequest {
     pub customer_id: String,
     /// A JSON number (or a decimal string), > 0, with at most the currency's minor digits.
     /// Parsed exactly, never as a binary float.
-    #[schema(value_type = f64, example = 125.50)]
+    #[schema(schema_with = amount_schema)]
     pub amount: serde_json::Value,
     /// ISO 4217 code.
     #[schema(example = "USD")]
@@ -41,7 +41,7 @@ pub struct DecideRequest {
     #[serde(default)]
     #[schema(example = "uuid-1")]
     pub idempotency_key: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "context_object")]
     pub context: Option<PaymentContext>,
 }
 
@@ -55,6 +55,47 @@ pub struct PaymentContext {
     /// ISO 3166 alpha-2 country of the client's IP address.
     #[serde(default)]
     pub ip_country: Option<String>,
+}
+
+/// `amount` in the API document: a JSON number or a decimal string, never a binary float
+/// format, so that generated clients keep the exact text.
+fn amount_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+    let one_of = OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Number).build())
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$"))
+                .build(),
+        )
+        .description(Some(
+            "A decimal amount, > 0, with at most the currency's minor digits; read exactly.",
+        ))
+        .examples([serde_json::json!(125.50), serde_json::json!("125.50")])
+        .build();
+    Schema::OneOf(one_of)
+}
+
+/// `context` must be a JSON object (or null): serde would otherwise also take an array of
+/// the fields' values in order.
+fn context_object<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<PaymentContext>, D::Error> {
+    struct ObjectOnly;
+    impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+        type Value = Option<PaymentContext>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object with deviceId and/or ipCountry")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            PaymentContext::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    deserializer.deserialize_any(ObjectOnly)
 }
 
 fn amount_text(value: &serde_json::Value) -> Result<String, &'static str> {

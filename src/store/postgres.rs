@@ -137,7 +137,9 @@ fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
-        deadpool_postgres::PoolError::Backend(e) => db_error(e),
+        // Whatever stops a new connection (refused, database closed to connections, auth) is
+        // an outage from here, not a bug in a statement.
+        deadpool_postgres::PoolError::Backend(e) => StoreError::Unavailable(causes(&e)),
         other => StoreError::Unavailable(causes(&other)),
     }
 }

@@ -587,10 +587,12 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))?;
-        if self.jobs.read().is_none() {
-            return Err(unavailable("store is closed"));
+        // Reads alone would not notice a writer that is gone: no decision could commit.
+        match &*self.jobs.read() {
+            Some(jobs) if !jobs.is_closed() => Ok(()),
+            Some(_) => Err(unavailable("the writer has stopped")),
+            None => Err(unavailable("store is closed")),
         }
-        Ok(())
     }
 
     async fn close(&self) {
@@ -845,4 +847,40 @@ fn settle(
         .execute(params![held.customer, amount, day])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_is_durable_wal_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = connect(&dir.path().join("p.db"), true).unwrap();
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        let sync: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        let busy: i64 = conn
+            .pragma_query_value(None, "busy_timeout", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(sync, 2, "synchronous=FULL");
+        assert!(busy >= 1000);
+    }
+
+    #[test]
+    fn urls_name_the_file() {
+        assert_eq!(
+            path_from_url("sqlite://paynow.db"),
+            Some(PathBuf::from("paynow.db"))
+        );
+        assert_eq!(
+            path_from_url("sqlite:///var/lib/p.db?mode=rwc"),
+            Some(PathBuf::from("/var/lib/p.db"))
+        );
+        assert_eq!(path_from_url("postgres://x"), None);
+    }
 }

@@ -13,6 +13,7 @@ crate::on_every_backend!(
     sixteen_concurrent_requests_with_one_key_execute_once,
     stored_answers_survive_a_restart,
     expired_answers_are_purged_and_the_key_is_free_again,
+    idempotency_keys_are_scoped_by_caller,
 );
 
 async fn the_same_key_and_payload_replays_the_identical_response(backend: Backend) {
@@ -165,5 +166,35 @@ async fn expired_answers_are_purged_and_the_key_is_free_again(backend: Backend) 
         .unwrap();
     assert_eq!(purged, 1);
     state.store.close().await;
+    app.stop().await;
+}
+
+async fn idempotency_keys_are_scoped_by_caller(backend: Backend) {
+    let app = spawn_with(backend, |c| {
+        c.api_keys =
+            paynow::config::ApiKeys::parse(None, Some("bank-a:key-a-123456,bank-b:key-b-123456"))
+                .unwrap();
+    })
+    .await;
+    let body = payment("c_456", "600.00", "p_789");
+    let send = |key: &'static str| {
+        app.client
+            .post(app.url("/payments/decide"))
+            .header("X-API-Key", key)
+            .json(&body)
+            .send()
+    };
+    let a: Value = send("key-a-123456").await.unwrap().json().await.unwrap();
+    assert_eq!(a["decision"], "allow");
+    // The same idempotency key from another caller is another payment, not a replay.
+    let b = send("key-b-123456").await.unwrap();
+    assert!(b.headers().get("idempotent-replayed").is_none());
+    let b: Value = b.json().await.unwrap();
+    assert_eq!(b["reasons"], json!(["insufficient_funds"]), "{b}");
+    // And each caller replays its own answer.
+    let again = send("key-a-123456").await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["requestId"], a["requestId"]);
     app.stop().await;
 }

@@ -178,6 +178,10 @@ async fn every_routed_path_is_in_the_openapi_document() {
     ] {
         assert!(responses.contains_key(code), "decide lacks {code}");
     }
+    // Money is never described as a binary float.
+    let amount = &doc["components"]["schemas"]["DecideRequest"]["properties"]["amount"];
+    assert!(amount["oneOf"].is_array(), "{amount}");
+    assert!(!amount.to_string().contains("double") && !amount.to_string().contains("float"));
     for schema in ["DecideRequest", "DecideResponse", "Problem"] {
         assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
     }

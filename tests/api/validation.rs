@@ -72,6 +72,11 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing(backend: Backend) {
         (with("context", json!({"deviceId": "d1", "other": 1})), 422, "validation_failed", "context.other"),
         (with("context", json!({"ipCountry": "usa"})), 422, "validation_failed", "context.ipCountry"),
         (with("context", json!("x")), 422, "validation_failed", "context"),
+        (with("context", json!(["dev-1", "US"])), 422, "validation_failed", "context"),
+        (with("amount", json!("1_000")), 422, "validation_failed", "amount"),
+        (with("amount", json!(" 12.50")), 422, "validation_failed", "amount"),
+        (with("amount", json!("+12.50")), 422, "validation_failed", "amount"),
+        (with("amount", json!(".5")), 422, "validation_failed", "amount"),
     ];
     for (body, status, code, field) in &cases {
         let res = app
