@@ -70,6 +70,12 @@ pub enum PolicyError {
 }
 
 impl Policy {
+    /// The daily limit in `currency`'s minor units: what the rules and the commit-time
+    /// reservation check compare today's outflow against.
+    pub fn daily_limit_minor(&self, currency: crate::domain::Currency) -> i64 {
+        crate::domain::Money::threshold_minor(self.daily_limit, currency)
+    }
+
     pub fn parse(text: &str) -> Result<Self, PolicyError> {
         let policy: Policy = toml::from_str(text)?;
         policy.check()?;

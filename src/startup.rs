@@ -102,9 +102,26 @@ pub async fn serve_state(
     let purge = tokio::spawn(purge_loop(state.clone()));
     let app = router(state.clone());
     tracing::info!(event = "paynow.listening", addr = %listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    // Graceful, but not forever: a connection that is still open one request deadline (plus
+    // a margin) after the signal holds no request worth waiting for (a stalled or
+    // half-sent one), so it is closed and the store shut down cleanly all the same.
+    let grace = state.config.request_timeout + Duration::from_secs(5);
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let notify = signalled.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        notify.notify_one();
+    });
+    tokio::select! {
+        served = server => served?,
+        () = async {
+            signalled.notified().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(event = "paynow.shutdown_forced", grace_ms = grace.as_millis() as u64,
+                "connections still open after the grace period were closed");
+        }
+    }
     purge.abort();
     state.store.close().await;
     tracing::info!(event = "paynow.stopped");

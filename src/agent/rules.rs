@@ -65,7 +65,7 @@ pub fn evaluate(policy: &Policy, facts: &Facts<'_>) -> Vec<Finding> {
                 );
             }
             let per_payment = Money::threshold_minor(policy.per_payment_limit, currency);
-            let daily = Money::threshold_minor(policy.daily_limit, currency);
+            let daily = policy.daily_limit_minor(currency);
             let today = account.outflow_on(facts.day);
             if amount.minor() > per_payment {
                 fire(

@@ -301,8 +301,10 @@ pub async fn decide_payment(
     for tool in &outcome.failed_tools {
         app.metrics.tool_failed(tool);
     }
-    let daily_limit_minor =
-        Money::threshold_minor(app.agent.policy().daily_limit, payment.amount.currency());
+    let daily_limit_minor = app
+        .agent
+        .policy()
+        .daily_limit_minor(payment.amount.currency());
     let record = DecisionRecord {
         scope: scope.clone(),
         fingerprint,

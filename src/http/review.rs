@@ -277,8 +277,7 @@ pub async fn resolve_case(
             ),
         ));
     }
-    let daily_limit_minor =
-        Money::threshold_minor(app.agent.policy().daily_limit, case.amount.currency());
+    let daily_limit_minor = app.agent.policy().daily_limit_minor(case.amount.currency());
     let resolution = CaseResolution {
         case_id: id,
         approve,

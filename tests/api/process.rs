@@ -243,3 +243,45 @@ async fn logs_are_json_lines_without_ids_or_secrets() {
         assert!(!output.contains(secret), "{secret:?} appears in the logs");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_cannot_hold_shutdown_past_the_grace_period() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!("sqlite://{}", dir.path().join("p.db").display());
+    let server = start_binary(
+        &database_url,
+        &[("PAYNOW_REQUEST_TIMEOUT_MS", "100")],
+        Stdio::null(),
+    )
+    .await;
+    // Half a request, never finished.
+    let mut stalled = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"POST /payments/decide HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let signalled = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut child = server.child;
+    // The deadline (0.1 s) plus the 5 s margin, and some slack for a busy machine.
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if signalled.elapsed() > Duration::from_secs(15) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("a stalled client held the server past its grace period");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(exit.code(), Some(0));
+    drop(stalled);
+}
