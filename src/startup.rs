@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::agent::Agent;
 use crate::agent::tools::{
-    BalanceTool, Fault, RiskTool, StoreBalance, StoreRiskSignals, WithFault,
+    BalanceTool, Fault, PaymentReadsCache, RiskTool, StoreBalance, StoreRiskSignals, WithFault,
 };
 use crate::config::Config;
 use crate::http::{AppState, router};
@@ -48,6 +48,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         &config.database_url,
         store::postgres::PostgresOptions {
             pool_size: config.db_pool_size,
+            fast_pool_size: store::postgres::fast_pool_size(config.db_pool_size),
             // A claim must outlive any request still allowed to run; past that, its owner
             // was stopped by the timeout (and released it) or died (and never will).
             claim_lease: config.request_timeout + CLAIM_LEASE_MARGIN,
@@ -57,8 +58,9 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     .await?;
     let seeded = store.seed_if_empty(&customers).await?;
 
-    let mut balance: BalanceTool = Arc::new(StoreBalance(store.clone()));
-    let mut risk: RiskTool = Arc::new(StoreRiskSignals(store.clone()));
+    let reads = PaymentReadsCache::new(store.clone());
+    let mut balance: BalanceTool = Arc::new(StoreBalance(reads.clone()));
+    let mut risk: RiskTool = Arc::new(StoreRiskSignals(reads));
     if let Some(fault) = fault_for(&config.faults, "getBalance") {
         balance = Arc::new(WithFault::new(balance, fault.clone()));
     }

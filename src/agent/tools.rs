@@ -1,14 +1,17 @@
 //! The agent's tools: each answers one question about a payment, behind a trait so that a
 //! store-backed tool, an HTTP adapter or a fault-injecting wrapper look the same to the agent.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
+use parking_lot::Mutex;
 
-use crate::domain::Payment;
-use crate::store::{Account, DynStore, RiskProfile};
+use crate::domain::{CustomerId, PayeeId, Payment};
+use crate::store::{Account, DynStore, PaymentReads, RiskProfile, StoreError};
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum ToolError {
@@ -38,8 +41,114 @@ fn store_failure(tool: &'static str, e: crate::store::StoreError) -> ToolError {
     ToolError::Failed("storage error".into())
 }
 
+/// The store reads behind `getBalance` and `getRiskSignals`, shared between the two.
+///
+/// The agent calls both tools at once, each with its own deadline and retries, and both
+/// want the same account row. Reading it once, in one statement, costs one round trip and
+/// one snapshot instead of two. The first call for a payment starts the read; a call for the
+/// same customer, payee and velocity window that comes while the read runs (or up to
+/// [`REUSE_FOR`] after it succeeded) takes its answer. Since the window starts at the
+/// request's clock in milliseconds, only the two tools of one request, or requests of the
+/// same customer and payee begun in the same millisecond, ever meet here; commit re-checks
+/// the funds whatever was read. A failed read is never reused, so a retry reads again, and a
+/// read whose callers all gave up (deadline) is dropped with them, freeing its connection.
+pub struct PaymentReadsCache {
+    store: DynStore,
+    reads: Mutex<Reads>,
+}
+
+struct Reads {
+    by_key: HashMap<ReadKey, Entry>,
+    /// Stale entries are swept when the map grows past this, which then doubles what is
+    /// left: a sweep walks the whole map, so it must stay rare (amortised O(1) a read).
+    sweep_above: usize,
+}
+
+/// How long a successful read may answer the other tool of the same request. The agent
+/// calls both tools together, so the second asks microseconds after the first.
+const REUSE_FOR: Duration = Duration::from_millis(10);
+
+/// The smallest map that is swept.
+const SWEEP_ABOVE: usize = 64;
+
+type ReadKey = (CustomerId, PayeeId, i64);
+type SharedRead = Shared<BoxFuture<'static, Result<PaymentReads, StoreError>>>;
+
+enum Entry {
+    Running(WeakShared<BoxFuture<'static, Result<PaymentReads, StoreError>>>),
+    Done(Instant, PaymentReads),
+}
+
+impl PaymentReadsCache {
+    pub fn new(store: DynStore) -> Arc<Self> {
+        Arc::new(PaymentReadsCache {
+            store,
+            reads: Mutex::new(Reads {
+                by_key: HashMap::new(),
+                sweep_above: SWEEP_ABOVE,
+            }),
+        })
+    }
+
+    async fn get(
+        self: &Arc<Self>,
+        payment: &Payment,
+        since_ms: i64,
+    ) -> Result<PaymentReads, StoreError> {
+        let key: ReadKey = (payment.customer.clone(), payment.payee.clone(), since_ms);
+        let read = {
+            let mut reads = self.reads.lock();
+            let reads = &mut *reads;
+            match reads.by_key.get(&key) {
+                Some(Entry::Done(at, found)) if at.elapsed() < REUSE_FOR => {
+                    return Ok(found.clone());
+                }
+                Some(Entry::Running(weak)) => weak.upgrade(),
+                _ => None,
+            }
+            .unwrap_or_else(|| {
+                let read = self.start(key.clone());
+                if reads.by_key.len() >= reads.sweep_above {
+                    let now = Instant::now();
+                    reads.by_key.retain(|_, entry| match entry {
+                        Entry::Done(at, _) => now.duration_since(*at) < REUSE_FOR,
+                        Entry::Running(weak) => weak.upgrade().is_some(),
+                    });
+                    reads.sweep_above = (reads.by_key.len() * 2).max(SWEEP_ABOVE);
+                }
+                if let Some(weak) = read.downgrade() {
+                    reads.by_key.insert(key, Entry::Running(weak));
+                }
+                read
+            })
+        };
+        read.await
+    }
+
+    fn start(self: &Arc<Self>, key: ReadKey) -> SharedRead {
+        let this = Arc::clone(self);
+        async move {
+            let (customer, payee, since_ms) = &key;
+            let result = this
+                .store
+                .payment_reads(customer, payee, since_ms.to_owned())
+                .await;
+            let mut reads = this.reads.lock();
+            match &result {
+                Ok(found) => reads
+                    .by_key
+                    .insert(key, Entry::Done(Instant::now(), found.clone())),
+                Err(_) => reads.by_key.remove(&key),
+            };
+            result
+        }
+        .boxed()
+        .shared()
+    }
+}
+
 /// `getBalance`: the account's currency, balance, reservations and today's outflow.
-pub struct StoreBalance(pub DynStore);
+pub struct StoreBalance(pub Arc<PaymentReadsCache>);
 
 #[async_trait]
 impl Tool for StoreBalance {
@@ -47,16 +156,17 @@ impl Tool for StoreBalance {
     fn name(&self) -> &'static str {
         "getBalance"
     }
-    async fn call(&self, payment: &Payment, _: i64) -> Result<Self::Output, ToolError> {
+    async fn call(&self, payment: &Payment, since_ms: i64) -> Result<Self::Output, ToolError> {
         self.0
-            .account(&payment.customer)
+            .get(payment, since_ms)
             .await
+            .map(|reads| reads.account)
             .map_err(|e| store_failure(self.name(), e))
     }
 }
 
 /// `getRiskSignals`: disputes, device change, payee familiarity and recent velocity.
-pub struct StoreRiskSignals(pub DynStore);
+pub struct StoreRiskSignals(pub Arc<PaymentReadsCache>);
 
 #[async_trait]
 impl Tool for StoreRiskSignals {
@@ -66,8 +176,9 @@ impl Tool for StoreRiskSignals {
     }
     async fn call(&self, payment: &Payment, since_ms: i64) -> Result<Self::Output, ToolError> {
         self.0
-            .risk_profile(&payment.customer, &payment.payee, since_ms)
+            .get(payment, since_ms)
             .await
+            .map(|reads| reads.risk)
             .map_err(|e| store_failure(self.name(), e))
     }
 }

@@ -67,6 +67,13 @@ pub struct RiskProfile {
     pub recent_payments: u32,
 }
 
+/// The account and risk profile of one payment's customer, read together.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PaymentReads {
+    pub account: Option<Account>,
+    pub risk: Option<RiskProfile>,
+}
+
 /// Who asked (the API key's identity) and under which key: the scope of idempotency.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct IdempotencyScope {
@@ -188,7 +195,7 @@ pub enum CommitOutcome {
     Duplicate,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -227,6 +234,16 @@ pub trait Store: Send + Sync + 'static {
     /// Writes the reservation (allow) or the case (review/block), the decision and the
     /// idempotent response atomically. An `allow` whose reservation no longer fits is turned
     /// into a `block` before anything is written.
+    /// What both tools need about one payment, read in one statement (one snapshot, one
+    /// round trip): the account as [`Store::account`] returns it, and the risk profile as
+    /// [`Store::risk_profile`] does. Both are `None` when there is no such account.
+    async fn payment_reads(
+        &self,
+        customer: &CustomerId,
+        payee: &PayeeId,
+        velocity_since_ms: i64,
+    ) -> Result<PaymentReads, StoreError>;
+
     async fn commit_decision(&self, record: DecisionRecord) -> Result<CommitOutcome, StoreError>;
 
     /// Deletes idempotency records that expired before `now_ms`; returns how many.

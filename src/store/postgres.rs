@@ -42,7 +42,7 @@ use tokio_postgres::error::SqlState;
 
 use super::{
     Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
-    RiskProfile, Store, StoreError, StoredResponse,
+    PaymentReads, RiskProfile, Store, StoreError, StoredResponse,
 };
 use super::{
     Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
@@ -60,11 +60,15 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// do; it only has to be the same everywhere).
 const SCHEMA_LOCK: i64 = 0x7061_796e_6f77; // "paynow"
 
-/// How the pool and the idempotency claims behave.
+/// How the pools and the idempotency claims behave.
 #[derive(Clone, Debug)]
 pub struct PostgresOptions {
-    /// Connections kept by this instance.
+    /// Connections kept by this instance for decision commits and everything else that must
+    /// be durable when it answers.
     pub pool_size: usize,
+    /// Connections kept by this instance for claims and reads, which need no durable commit
+    /// (see [`PostgresStore`]'s `fast` pool).
+    pub fast_pool_size: usize,
     /// How long an in-progress claim blocks its key if its instance dies without releasing
     /// it. Longer than any request may run (the request timeout stops them first).
     pub claim_lease: Duration,
@@ -72,10 +76,17 @@ pub struct PostgresOptions {
     pub connect_timeout: Duration,
 }
 
+/// The claim-and-read pool that goes with a commit pool of `pool_size`: claims and reads
+/// hold a connection for one quick round trip each, commits for a WAL flush.
+pub fn fast_pool_size(pool_size: usize) -> usize {
+    (pool_size / 4).max(2)
+}
+
 impl Default for PostgresOptions {
     fn default() -> Self {
         PostgresOptions {
-            pool_size: 16,
+            pool_size: 32,
+            fast_pool_size: fast_pool_size(32),
             claim_lease: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
         }
@@ -83,7 +94,16 @@ impl Default for PostgresOptions {
 }
 
 pub struct PostgresStore {
+    /// Connections with the server's `synchronous_commit` (on): decision commits wait for
+    /// their WAL record to be flushed before anyone is answered.
     pool: Pool,
+    /// Connections with `synchronous_commit=off`, for idempotency claims, their release and
+    /// the tools' reads. A claim commit then costs no WAL flush of its own. That is safe: a
+    /// claim lost in a server crash blocks nothing and fences nothing that was answered,
+    /// because the decision that completes it is a durable commit, and flushing its WAL
+    /// record flushes every earlier record, the claim's included. Reads write nothing, so
+    /// the setting does not touch them; they simply stop queueing behind commits.
+    fast: Pool,
     claim_lease_ms: i64,
     /// Owner tokens of the claims this instance holds, by scope. A duplicate arriving at the
     /// same instance is answered 409 without a round trip, and commit finds its token here.
@@ -165,7 +185,11 @@ fn pg_config(url: &str, options: &PostgresOptions) -> anyhow::Result<tokio_postg
     Ok(config)
 }
 
-fn make_pool(config: tokio_postgres::Config, options: &PostgresOptions) -> anyhow::Result<Pool> {
+fn make_pool(
+    config: tokio_postgres::Config,
+    size: usize,
+    timeout: Duration,
+) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -176,10 +200,10 @@ fn make_pool(config: tokio_postgres::Config, options: &PostgresOptions) -> anyho
         },
     );
     Pool::builder(manager)
-        .max_size(options.pool_size.max(1))
-        .wait_timeout(Some(options.connect_timeout))
-        .create_timeout(Some(options.connect_timeout))
-        .recycle_timeout(Some(options.connect_timeout))
+        .max_size(size.max(1))
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| anyhow::anyhow!("cannot build the PostgreSQL pool: {e}"))
@@ -229,7 +253,14 @@ impl PostgresStore {
     /// Connects, applies migrations, and keeps a pool of `options.pool_size` connections.
     pub async fn open(url: &str, options: PostgresOptions) -> anyhow::Result<Self> {
         let config = pg_config(url, &options)?;
-        let pool = make_pool(config, &options)?;
+        let mut fast_config = config.clone();
+        let options_text = match fast_config.get_options() {
+            Some(given) => format!("{given} -c synchronous_commit=off"),
+            None => "-c synchronous_commit=off".to_owned(),
+        };
+        fast_config.options(&options_text);
+        let pool = make_pool(config, options.pool_size, options.connect_timeout)?;
+        let fast = make_pool(fast_config, options.fast_pool_size, options.connect_timeout)?;
         let mut client = pool.get().await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot connect to PostgreSQL (DATABASE_URL): {}",
@@ -242,6 +273,7 @@ impl PostgresStore {
         drop(client);
         Ok(PostgresStore {
             pool,
+            fast,
             claim_lease_ms: options.claim_lease.as_millis() as i64,
             claims: Arc::new(Mutex::new(HashMap::new())),
         })
@@ -249,6 +281,11 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(pool_error)
+    }
+
+    /// A connection that does not wait for WAL flushes: for claims and reads only.
+    async fn fast_client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.fast.get().await.map_err(pool_error)
     }
 
     /// Forgets the local claim once its database row no longer needs releasing.
@@ -268,7 +305,7 @@ impl PostgresStore {
     /// retry need not wait for the lease.
     fn release(&self, key: String, token: String, scope: IdempotencyScope) -> Claim {
         let claims = self.claims.clone();
-        let pool = self.pool.clone();
+        let pool = self.fast.clone();
         Claim::new(move || {
             let mut held = claims.lock();
             if held.get(&key) != Some(&token) {
@@ -547,7 +584,7 @@ impl Store for PostgresStore {
         // From here on the claim exists locally; dropping it (early return included)
         // releases whatever the database holds.
         let claim = self.release(key, token.clone(), scope.clone());
-        let client = match self.client().await {
+        let client = match self.fast_client().await {
             Ok(client) => client,
             Err(e) => {
                 // Nothing reached the database, so there is nothing to release there.
@@ -604,7 +641,7 @@ impl Store for PostgresStore {
         fingerprint: &[u8; 32],
         now_ms: i64,
     ) -> Result<Option<Lookup>, StoreError> {
-        let client = self.client().await?;
+        let client = self.fast_client().await?;
         let stmt = client
             .prepare_cached(
                 "SELECT fingerprint, status_code, body, request_id FROM idempotency
@@ -631,7 +668,7 @@ impl Store for PostgresStore {
     }
 
     async fn account(&self, customer: &CustomerId) -> Result<Option<Account>, StoreError> {
-        let client = self.client().await?;
+        let client = self.fast_client().await?;
         let stmt = client
             .prepare_cached(
                 "SELECT currency, balance_minor, reserved_minor, outflow_day, outflow_minor
@@ -665,7 +702,7 @@ impl Store for PostgresStore {
         payee: &PayeeId,
         velocity_since_ms: i64,
     ) -> Result<Option<RiskProfile>, StoreError> {
-        let client = self.client().await?;
+        let client = self.fast_client().await?;
         let stmt = client
             .prepare_cached(
                 "SELECT a.recent_disputes, a.device_change, a.home_country,
@@ -692,6 +729,54 @@ impl Store for PostgresStore {
             })
         })
         .transpose()
+    }
+
+    async fn payment_reads(
+        &self,
+        customer: &CustomerId,
+        payee: &PayeeId,
+        velocity_since_ms: i64,
+    ) -> Result<PaymentReads, StoreError> {
+        let client = self.fast_client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
+                        a.recent_disputes, a.device_change, a.home_country,
+                        EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = $1 AND k.payee_id = $2),
+                        (SELECT count(*) FROM decisions d WHERE d.customer_id = $1 AND d.created_ms >= $3)
+                 FROM accounts a WHERE a.customer_id = $1",
+            )
+            .await
+            .map_err(db_error)?;
+        let row = client
+            .query_opt(
+                &stmt,
+                &[&customer.as_str(), &payee.as_str(), &velocity_since_ms],
+            )
+            .await
+            .map_err(db_error)?;
+        let Some(r) = row else {
+            return Ok(PaymentReads::default());
+        };
+        let currency: &str = col(&r, 0)?;
+        let currency = Currency::parse(currency)
+            .map_err(|_| StoreError::Internal(format!("account has bad currency {currency:?}")))?;
+        Ok(PaymentReads {
+            account: Some(Account {
+                customer: customer.clone(),
+                balance: Money::from_minor(col(&r, 1)?, currency),
+                reserved_minor: col(&r, 2)?,
+                outflow_day: col(&r, 3)?,
+                outflow_minor: col(&r, 4)?,
+            }),
+            risk: Some(RiskProfile {
+                recent_disputes: u32::try_from(col::<i32>(&r, 5)?).unwrap_or(0),
+                device_change: col(&r, 6)?,
+                home_country: col(&r, 7)?,
+                known_payee: col(&r, 8)?,
+                recent_payments: u32::try_from(col::<i64>(&r, 9)?).unwrap_or(u32::MAX),
+            }),
+        })
     }
 
     async fn commit_decision(&self, rec: DecisionRecord) -> Result<CommitOutcome, StoreError> {
@@ -817,6 +902,7 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         self.pool.close();
+        self.fast.close();
     }
 
     async fn list_cases(

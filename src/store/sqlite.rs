@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
-    RiskProfile, Store, StoreError, StoredResponse,
+    PaymentReads, RiskProfile, Store, StoreError, StoredResponse,
 };
 use super::{
     Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
@@ -526,6 +526,57 @@ impl Store for SqliteStore {
                 })
             })
             .optional()
+        })
+    }
+
+    async fn payment_reads(
+        &self,
+        customer: &CustomerId,
+        payee: &PayeeId,
+        velocity_since_ms: i64,
+    ) -> Result<PaymentReads, StoreError> {
+        let row = self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
+                        a.recent_disputes, a.device_change, a.home_country,
+                        EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = ?1 AND k.payee_id = ?2),
+                        (SELECT count(*) FROM decisions d WHERE d.customer_id = ?1 AND d.created_ms >= ?3)
+                 FROM accounts a WHERE a.customer_id = ?1",
+            )?
+            .query_row(params![customer.as_str(), payee.as_str(), velocity_since_ms], |r| {
+                Ok((
+                    (
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ),
+                    RiskProfile {
+                        recent_disputes: r.get(5)?,
+                        device_change: r.get(6)?,
+                        home_country: r.get(7)?,
+                        known_payee: r.get(8)?,
+                        recent_payments: r.get(9)?,
+                    },
+                ))
+            })
+            .optional()
+        })?;
+        let Some(((currency, balance, reserved, day, outflow), risk)) = row else {
+            return Ok(PaymentReads::default());
+        };
+        let currency = Currency::parse(&currency)
+            .map_err(|_| StoreError::Internal(format!("account has bad currency {currency:?}")))?;
+        Ok(PaymentReads {
+            account: Some(Account {
+                customer: customer.clone(),
+                balance: Money::from_minor(balance, currency),
+                reserved_minor: reserved,
+                outflow_day: day,
+                outflow_minor: outflow,
+            }),
+            risk: Some(risk),
         })
     }
 
