@@ -7,6 +7,16 @@
 //! clocks on the instances do not matter. The key expires when the bucket is full again, so
 //! Redis only holds active customers.
 //!
+//! # One round trip for many checks
+//! Checks are not sent one by one: a batching task sends every check waiting at that moment
+//! (up to [`MAX_BATCH`]) as one `EVALSHA` over all their keys, and the next batch when that
+//! answer is back. The script runs the same GCRA step for each key in turn, atomically, so a
+//! customer appearing twice in one batch takes two tokens in order, exactly as two separate
+//! calls would. Under load this turns dozens of round trips (each a Redis wake-up, a script
+//! call and a client wake-up) into one; alone, a check costs the same single round trip as
+//! before. All keys of a batch go to one Redis, so this needs a single Redis server (or a
+//! primary with replicas), not Redis Cluster.
+//!
 //! # When Redis is away
 //! Every call has a short deadline ([`REDIS_TIMEOUT`]). On the first failure the limiter
 //! logs one warning and answers from an in-process [`MemoryLimiter`]: the limit then holds
@@ -16,12 +26,13 @@
 //! do not wait for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
 
 use super::memory::MemoryLimiter;
 use super::{Quota, RateDecision, RateLimiter};
@@ -32,23 +43,100 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 /// How often an unreachable Redis is tried again.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
-/// KEYS[1]: the customer's bucket. ARGV[1]: emission interval (µs), ARGV[2]: burst.
-/// Returns {allowed, remaining, reset_after µs, retry_after µs}.
+/// Most checks sent in one script call.
+const MAX_BATCH: usize = 128;
+
+/// KEYS: the customers' buckets, in the order checked. ARGV[1]: emission interval (µs),
+/// ARGV[2]: burst. Returns, for each key in turn, {allowed, remaining, reset_after µs,
+/// retry_after µs}, flattened into one array.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = interval * tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local new_tat = tat + interval
-if new_tat - now > tolerance then
-  return {0, 0, tat - now, new_tat - now - tolerance}
+local out = {}
+for _, key in ipairs(KEYS) do
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local n = #out
+  if new_tat - now > tolerance then
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, 0, tat - now, new_tat - now - tolerance
+  else
+    redis.call('SET', key, string.format('%d', new_tat),
+      'PX', math.floor((new_tat - now) / 1000) + 1)
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] =
+      1, math.floor((tolerance - (new_tat - now)) / interval), new_tat - now, 0
+  end
 end
-redis.call('SET', KEYS[1], string.format('%d', new_tat),
-  'PX', math.floor((new_tat - now) / 1000) + 1)
-return {1, math.floor((tolerance - (new_tat - now)) / interval), new_tat - now, 0}
+return out
 ";
+
+/// One check waiting for its batch: the bucket key and where its answer goes.
+struct Pending {
+    bucket: String,
+    answer: oneshot::Sender<Result<RateDecision, String>>,
+}
+
+/// What the batching task needs; it holds no reference back to the limiter, so it ends when
+/// the limiter (and with it the sending half of its queue) is dropped.
+struct Batcher {
+    conn: ConnectionManager,
+    script: ::redis::Script,
+    quota: Quota,
+    interval_us: u64,
+}
+
+impl Batcher {
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Pending>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let answers = self.gcra(&batch).await;
+            for (i, pending) in batch.drain(..).enumerate() {
+                let answer = match &answers {
+                    Ok(decisions) => decisions
+                        .get(i)
+                        .copied()
+                        .ok_or_else(|| "script answered too few checks".to_owned()),
+                    Err(e) => Err(e.clone()),
+                };
+                // The caller may have stopped waiting (its deadline); nothing to do then.
+                let _ = pending.answer.send(answer);
+            }
+        }
+    }
+
+    async fn gcra(&mut self, batch: &[Pending]) -> Result<Vec<RateDecision>, String> {
+        let mut call = self.script.prepare_invoke();
+        for pending in batch {
+            call.key(&pending.bucket);
+        }
+        call.arg(self.interval_us).arg(self.quota.burst);
+        let answer: Vec<i64> =
+            tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async(&mut self.conn))
+                .await
+                .map_err(|_| format!("no answer within {} ms", REDIS_TIMEOUT.as_millis()))?
+                .map_err(|e| e.to_string())?;
+        if answer.len() != batch.len() * 4 {
+            return Err(format!(
+                "unexpected script answer: {} numbers for {} checks",
+                answer.len(),
+                batch.len()
+            ));
+        }
+        let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+        Ok(answer
+            .chunks_exact(4)
+            .map(|d| RateDecision {
+                allowed: d[0] == 1,
+                limit: self.quota.burst,
+                remaining: u32::try_from(d[1]).unwrap_or(0),
+                reset_after: micros(d[2]),
+                retry_after: micros(d[3]),
+            })
+            .collect())
+    }
+}
 
 pub struct RedisLimiter {
     shared: Arc<Shared>,
@@ -60,6 +148,9 @@ struct Shared {
     prefix: String,
     quota: Quota,
     interval_us: u64,
+    /// The batching task's queue, started by the first check (which runs inside the
+    /// runtime; building the limiter need not).
+    queue: OnceLock<mpsc::UnboundedSender<Pending>>,
     fallback: MemoryLimiter,
     metrics: Arc<Metrics>,
     /// False while Redis is known to be unreachable and checks go to `fallback`.
@@ -98,6 +189,7 @@ impl RedisLimiter {
                 prefix: prefix.to_owned(),
                 quota,
                 interval_us,
+                queue: OnceLock::new(),
                 fallback: MemoryLimiter::new(quota),
                 metrics,
                 healthy: AtomicBool::new(true),
@@ -114,25 +206,29 @@ impl RedisLimiter {
 
 impl Shared {
     async fn gcra(&self, key: &str) -> Result<RateDecision, String> {
-        let mut conn = self.conn.clone();
-        let bucket = format!("{}{}", self.prefix, key);
-        let mut call = self.script.key(bucket);
-        call.arg(self.interval_us).arg(self.quota.burst);
-        let answer: Vec<i64> = tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async(&mut conn))
+        let queue = self.queue.get_or_init(|| {
+            let (send, receive) = mpsc::unbounded_channel();
+            let batcher = Batcher {
+                conn: self.conn.clone(),
+                script: self.script.clone(),
+                quota: self.quota,
+                interval_us: self.interval_us,
+            };
+            tokio::spawn(batcher.run(receive));
+            send
+        });
+        let mut bucket = String::with_capacity(self.prefix.len() + key.len());
+        bucket.push_str(&self.prefix);
+        bucket.push_str(key);
+        let (answer, answered) = oneshot::channel();
+        queue
+            .send(Pending { bucket, answer })
+            .map_err(|_| "the Redis batching task stopped".to_owned())?;
+        // The deadline covers the wait for the batch before ours as well as our own.
+        tokio::time::timeout(REDIS_TIMEOUT, answered)
             .await
             .map_err(|_| format!("no answer within {} ms", REDIS_TIMEOUT.as_millis()))?
-            .map_err(|e| e.to_string())?;
-        let [allowed, remaining, reset_us, retry_us] = answer[..] else {
-            return Err(format!("unexpected script answer {answer:?}"));
-        };
-        let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-        Ok(RateDecision {
-            allowed: allowed == 1,
-            limit: self.quota.burst,
-            remaining: u32::try_from(remaining).unwrap_or(0),
-            reset_after: micros(reset_us),
-            retry_after: micros(retry_us),
-        })
+            .map_err(|_| "the Redis batching task stopped".to_owned())?
     }
 
     async fn ping(&self) -> Result<(), String> {
