@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::agent::Agent;
 use crate::agent::tools::{
-    BalanceTool, Fault, PaymentReadsCache, RiskTool, StoreBalance, StoreRiskSignals, WithFault,
+    BalanceTool, Fault, RiskTool, StoreBalance, StoreRiskSignals, WithFault,
 };
 use crate::config::Config;
 use crate::http::{AppState, router};
@@ -58,9 +58,8 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     .await?;
     let seeded = store.seed_if_empty(&customers).await?;
 
-    let reads = PaymentReadsCache::new(store.clone());
-    let mut balance: BalanceTool = Arc::new(StoreBalance(reads.clone()));
-    let mut risk: RiskTool = Arc::new(StoreRiskSignals(reads));
+    let mut balance: BalanceTool = Arc::new(StoreBalance(store.clone()));
+    let mut risk: RiskTool = Arc::new(StoreRiskSignals(store.clone()));
     if let Some(fault) = fault_for(&config.faults, "getBalance") {
         balance = Arc::new(WithFault::new(balance, fault.clone()));
     }

@@ -23,7 +23,7 @@ use crate::domain::{Decision, Payment, Reason, RequestId, TraceStep, format_mino
 use crate::policy::{Policy, ToolPolicy};
 use crate::store::{Account, RiskProfile};
 use rules::{Facts, Fetched};
-use tools::{BalanceTool, RiskTool, Tool, ToolError};
+use tools::{BalanceTool, RiskTool, Tool, ToolContext, ToolError};
 
 pub const PLAN: &str = "Check balance, risk, and limits";
 
@@ -112,20 +112,19 @@ async fn call_with_retries<T: Send>(
     tool: &dyn Tool<Output = T>,
     limits: &ToolPolicy,
     payment: &Payment,
-    since_ms: i64,
+    ctx: &ToolContext,
 ) -> Called<T> {
     let started = Instant::now();
     let mut attempts = 0;
     let result = loop {
         attempts += 1;
-        let result =
-            match tokio::time::timeout(limits.deadline(), tool.call(payment, since_ms)).await {
-                Ok(result) => result,
-                Err(_) => Err(ToolError::Failed(format!(
-                    "timed out after {} ms",
-                    limits.deadline_ms
-                ))),
-            };
+        let result = match tokio::time::timeout(limits.deadline(), tool.call(payment, ctx)).await {
+            Ok(result) => result,
+            Err(_) => Err(ToolError::Failed(format!(
+                "timed out after {} ms",
+                limits.deadline_ms
+            ))),
+        };
         match result {
             Ok(v) => break Ok(v),
             Err(e) if attempts >= limits.max_attempts => break Err(e),
@@ -222,13 +221,13 @@ impl Agent {
     /// Plans, calls the tools, applies the rules and recommends.
     pub async fn assess(&self, payment: &Payment, now_ms: i64) -> Outcome {
         let limits = &self.policy.tools;
-        let since_ms = now_ms - (self.policy.velocity.window_secs as i64) * 1000;
+        let ctx = ToolContext::new(now_ms - (self.policy.velocity.window_secs as i64) * 1000);
         let mut trace = vec![TraceStep::new("plan", PLAN)];
         let mut failed_tools = Vec::new();
 
         let (balance, risk) = tokio::join!(
-            call_with_retries(&*self.balance, limits, payment, since_ms),
-            call_with_retries(&*self.risk, limits, payment, since_ms),
+            call_with_retries(&*self.balance, limits, payment, &ctx),
+            call_with_retries(&*self.risk, limits, payment, &ctx),
         );
 
         let account = record(self.balance.name(), &balance, &mut trace, &mut failed_tools);

@@ -1,16 +1,13 @@
 //! The agent's tools: each answers one question about a payment, behind a trait so that a
 //! store-backed tool, an HTTP adapter or a fault-injecting wrapper look the same to the agent.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
-use parking_lot::Mutex;
 
-use crate::domain::{CustomerId, PayeeId, Payment};
+use crate::domain::Payment;
 use crate::store::{Account, DynStore, PaymentReads, RiskProfile, StoreError};
 
 #[derive(Debug, thiserror::Error, Clone)]
@@ -23,12 +20,7 @@ pub enum ToolError {
 pub trait Tool: Send + Sync {
     type Output: Send;
     fn name(&self) -> &'static str;
-    /// `velocity_since_ms` is the start of the velocity window, for tools that count payments.
-    async fn call(
-        &self,
-        payment: &Payment,
-        velocity_since_ms: i64,
-    ) -> Result<Self::Output, ToolError>;
+    async fn call(&self, payment: &Payment, ctx: &ToolContext) -> Result<Self::Output, ToolError>;
 }
 
 pub type BalanceTool = Arc<dyn Tool<Output = Option<Account>>>;
@@ -41,114 +33,42 @@ fn store_failure(tool: &'static str, e: crate::store::StoreError) -> ToolError {
     ToolError::Failed("storage error".into())
 }
 
-/// The store reads behind `getBalance` and `getRiskSignals`, shared between the two.
+/// What the tools of one assessment share: the start of the velocity window, and the store
+/// reads behind `getBalance` and `getRiskSignals`.
 ///
-/// The agent calls both tools at once, each with its own deadline and retries, and both
-/// want the same account row. Reading it once, in one statement, costs one round trip and
-/// one snapshot instead of two. The first call for a payment starts the read; a call for the
-/// same customer, payee and velocity window that comes while the read runs (or up to
-/// [`REUSE_FOR`] after it succeeded) takes its answer. Since the window starts at the
-/// request's clock in milliseconds, only the two tools of one request, or requests of the
-/// same customer and payee begun in the same millisecond, ever meet here; commit re-checks
-/// the funds whatever was read. A failed read is never reused, so a retry reads again, and a
-/// read whose callers all gave up (deadline) is dropped with them, freeing its connection.
-pub struct PaymentReadsCache {
-    store: DynStore,
-    reads: Mutex<Reads>,
+/// The agent calls both tools at once, each with its own deadline and retries, and both want
+/// the same account row: reading it once, in one statement, costs one round trip and one
+/// snapshot instead of two. The first tool to ask starts the read and the other waits for
+/// it. A failed or abandoned (deadline) read is not kept, so the next attempt reads again.
+/// The context lives for one assessment only, so nothing read is reused by another request.
+pub struct ToolContext {
+    pub velocity_since_ms: i64,
+    reads: tokio::sync::OnceCell<PaymentReads>,
 }
 
-struct Reads {
-    by_key: HashMap<ReadKey, Entry>,
-    /// Stale entries are swept when the map grows past this, which then doubles what is
-    /// left: a sweep walks the whole map, so it must stay rare (amortised O(1) a read).
-    sweep_above: usize,
-}
-
-/// How long a successful read may answer the other tool of the same request. The agent
-/// calls both tools together, so the second asks microseconds after the first.
-const REUSE_FOR: Duration = Duration::from_millis(10);
-
-/// The smallest map that is swept.
-const SWEEP_ABOVE: usize = 64;
-
-type ReadKey = (CustomerId, PayeeId, i64);
-type SharedRead = Shared<BoxFuture<'static, Result<PaymentReads, StoreError>>>;
-
-enum Entry {
-    Running(WeakShared<BoxFuture<'static, Result<PaymentReads, StoreError>>>),
-    Done(Instant, PaymentReads),
-}
-
-impl PaymentReadsCache {
-    pub fn new(store: DynStore) -> Arc<Self> {
-        Arc::new(PaymentReadsCache {
-            store,
-            reads: Mutex::new(Reads {
-                by_key: HashMap::new(),
-                sweep_above: SWEEP_ABOVE,
-            }),
-        })
-    }
-
-    async fn get(
-        self: &Arc<Self>,
-        payment: &Payment,
-        since_ms: i64,
-    ) -> Result<PaymentReads, StoreError> {
-        let key: ReadKey = (payment.customer.clone(), payment.payee.clone(), since_ms);
-        let read = {
-            let mut reads = self.reads.lock();
-            let reads = &mut *reads;
-            match reads.by_key.get(&key) {
-                Some(Entry::Done(at, found)) if at.elapsed() < REUSE_FOR => {
-                    return Ok(found.clone());
-                }
-                Some(Entry::Running(weak)) => weak.upgrade(),
-                _ => None,
-            }
-            .unwrap_or_else(|| {
-                let read = self.start(key.clone());
-                if reads.by_key.len() >= reads.sweep_above {
-                    let now = Instant::now();
-                    reads.by_key.retain(|_, entry| match entry {
-                        Entry::Done(at, _) => now.duration_since(*at) < REUSE_FOR,
-                        Entry::Running(weak) => weak.upgrade().is_some(),
-                    });
-                    reads.sweep_above = (reads.by_key.len() * 2).max(SWEEP_ABOVE);
-                }
-                if let Some(weak) = read.downgrade() {
-                    reads.by_key.insert(key, Entry::Running(weak));
-                }
-                read
-            })
-        };
-        read.await
-    }
-
-    fn start(self: &Arc<Self>, key: ReadKey) -> SharedRead {
-        let this = Arc::clone(self);
-        async move {
-            let (customer, payee, since_ms) = &key;
-            let result = this
-                .store
-                .payment_reads(customer, payee, since_ms.to_owned())
-                .await;
-            let mut reads = this.reads.lock();
-            match &result {
-                Ok(found) => reads
-                    .by_key
-                    .insert(key, Entry::Done(Instant::now(), found.clone())),
-                Err(_) => reads.by_key.remove(&key),
-            };
-            result
+impl ToolContext {
+    pub fn new(velocity_since_ms: i64) -> Self {
+        ToolContext {
+            velocity_since_ms,
+            reads: tokio::sync::OnceCell::new(),
         }
-        .boxed()
-        .shared()
+    }
+
+    async fn payment_reads(
+        &self,
+        store: &DynStore,
+        payment: &Payment,
+    ) -> Result<&PaymentReads, StoreError> {
+        self.reads
+            .get_or_try_init(|| {
+                store.payment_reads(&payment.customer, &payment.payee, self.velocity_since_ms)
+            })
+            .await
     }
 }
 
 /// `getBalance`: the account's currency, balance, reservations and today's outflow.
-pub struct StoreBalance(pub Arc<PaymentReadsCache>);
+pub struct StoreBalance(pub DynStore);
 
 #[async_trait]
 impl Tool for StoreBalance {
@@ -156,17 +76,16 @@ impl Tool for StoreBalance {
     fn name(&self) -> &'static str {
         "getBalance"
     }
-    async fn call(&self, payment: &Payment, since_ms: i64) -> Result<Self::Output, ToolError> {
-        self.0
-            .get(payment, since_ms)
+    async fn call(&self, payment: &Payment, ctx: &ToolContext) -> Result<Self::Output, ToolError> {
+        ctx.payment_reads(&self.0, payment)
             .await
-            .map(|reads| reads.account)
+            .map(|reads| reads.account.clone())
             .map_err(|e| store_failure(self.name(), e))
     }
 }
 
 /// `getRiskSignals`: disputes, device change, payee familiarity and recent velocity.
-pub struct StoreRiskSignals(pub Arc<PaymentReadsCache>);
+pub struct StoreRiskSignals(pub DynStore);
 
 #[async_trait]
 impl Tool for StoreRiskSignals {
@@ -174,11 +93,10 @@ impl Tool for StoreRiskSignals {
     fn name(&self) -> &'static str {
         "getRiskSignals"
     }
-    async fn call(&self, payment: &Payment, since_ms: i64) -> Result<Self::Output, ToolError> {
-        self.0
-            .get(payment, since_ms)
+    async fn call(&self, payment: &Payment, ctx: &ToolContext) -> Result<Self::Output, ToolError> {
+        ctx.payment_reads(&self.0, payment)
             .await
-            .map(|reads| reads.risk)
+            .map(|reads| reads.risk.clone())
             .map_err(|e| store_failure(self.name(), e))
     }
 }
@@ -252,7 +170,7 @@ impl<O: Send + 'static, T: Tool<Output = O> + ?Sized + 'static> Tool for WithFau
     fn name(&self) -> &'static str {
         self.inner.name()
     }
-    async fn call(&self, payment: &Payment, since_ms: i64) -> Result<O, ToolError> {
+    async fn call(&self, payment: &Payment, ctx: &ToolContext) -> Result<O, ToolError> {
         match self.fault {
             Fault::Fail => return Err(ToolError::Failed("injected failure".into())),
             Fault::Timeout => {
@@ -265,7 +183,7 @@ impl<O: Send + 'static, T: Tool<Output = O> + ?Sized + 'static> Tool for WithFau
                 }
             }
         }
-        self.inner.call(payment, since_ms).await
+        self.inner.call(payment, ctx).await
     }
 }
 
