@@ -81,6 +81,18 @@ pub struct IdempotencyScope {
     pub key: IdempotencyKey,
 }
 
+impl IdempotencyScope {
+    /// One string for the pair, for in-process maps of claims.
+    pub fn local_key(&self) -> String {
+        format!("{}\u{0}{}", self.caller, self.key.as_str())
+    }
+}
+
+/// Reasons as stored: the JSON array of their wire names.
+pub fn reasons_json(reasons: &[Reason]) -> String {
+    serde_json::to_string(reasons).unwrap_or_else(|_| "[]".into())
+}
+
 /// A response kept for replay.
 #[derive(Clone, Debug)]
 pub struct StoredResponse {

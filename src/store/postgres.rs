@@ -42,13 +42,13 @@ use tokio_postgres::error::SqlState;
 
 use super::{
     Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
-    PaymentReads, RiskProfile, Store, StoreError, StoredResponse,
+    PaymentReads, RiskProfile, Store, StoreError, StoredResponse, reasons_json,
 };
 use super::{
     Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
     Settlement, refusal_reason,
 };
-use crate::domain::{Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId};
+use crate::domain::{Currency, CustomerId, Decision, Money, PayeeId, RequestId};
 use crate::fixtures::CustomerFixture;
 
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -162,14 +162,6 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
         deadpool_postgres::PoolError::Backend(e) => StoreError::Unavailable(causes(&e)),
         other => StoreError::Unavailable(causes(&other)),
     }
-}
-
-fn scope_key(scope: &IdempotencyScope) -> String {
-    format!("{}\u{0}{}", scope.caller, scope.key.as_str())
-}
-
-fn reasons_json(reasons: &[Reason]) -> String {
-    serde_json::to_string(reasons).unwrap_or_else(|_| "[]".into())
 }
 
 /// Parses the URL and fills in what a service wants that URLs rarely say.
@@ -290,7 +282,7 @@ impl PostgresStore {
 
     /// Forgets the local claim once its database row no longer needs releasing.
     fn settle_claim(&self, scope: &IdempotencyScope, token: &str) {
-        let key = scope_key(scope);
+        let key = scope.local_key();
         let mut claims = self.claims.lock();
         if claims.get(&key).is_some_and(|t| t == token) {
             claims.remove(&key);
@@ -298,7 +290,7 @@ impl PostgresStore {
     }
 
     fn claim_token(&self, scope: &IdempotencyScope) -> Option<String> {
-        self.claims.lock().get(&scope_key(scope)).cloned()
+        self.claims.lock().get(&scope.local_key()).cloned()
     }
 
     /// The claim's release: if commit did not settle it, delete the row it still owns, so a
@@ -572,7 +564,7 @@ impl Store for PostgresStore {
         fingerprint: &[u8; 32],
         now_ms: i64,
     ) -> Result<Begin, StoreError> {
-        let key = scope_key(scope);
+        let key = scope.local_key();
         let token = uuid::Uuid::new_v4().simple().to_string();
         {
             let mut claims = self.claims.lock();

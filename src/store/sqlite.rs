@@ -41,13 +41,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
-    PaymentReads, RiskProfile, Store, StoreError, StoredResponse,
+    PaymentReads, RiskProfile, Store, StoreError, StoredResponse, reasons_json,
 };
 use super::{
     Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
     Settlement, refusal_reason,
 };
-use crate::domain::{Currency, CustomerId, Decision, Money, PayeeId, Reason, RequestId};
+use crate::domain::{Currency, CustomerId, Decision, Money, PayeeId, RequestId};
 use crate::fixtures::CustomerFixture;
 
 /// Most jobs committed in one transaction.
@@ -286,10 +286,6 @@ const STORE_RESPONSE: &str = "INSERT INTO idempotency
         created_ms = excluded.created_ms, expires_ms = excluded.expires_ms
     WHERE idempotency.expires_ms <= excluded.created_ms";
 
-fn reasons_json(reasons: &[Reason]) -> String {
-    serde_json::to_string(reasons).unwrap_or_else(|_| "[]".into())
-}
-
 fn apply_decision(
     conn: &Connection,
     mut rec: DecisionRecord,
@@ -404,10 +400,6 @@ fn apply_decision(
     ))))
 }
 
-fn in_flight_key(scope: &IdempotencyScope) -> String {
-    format!("{}\u{0}{}", scope.caller, scope.key.as_str())
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     fn engine(&self) -> &'static str {
@@ -420,7 +412,7 @@ impl Store for SqliteStore {
         fingerprint: &[u8; 32],
         now_ms: i64,
     ) -> Result<Begin, StoreError> {
-        let key = in_flight_key(scope);
+        let key = scope.local_key();
         if !self.in_flight.lock().insert(key.clone()) {
             return Ok(Begin::InProgress);
         }
