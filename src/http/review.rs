@@ -1,11 +1,11 @@
 //! Reviewers' endpoints: cases opened by `review`/`block` decisions, and the lifecycle of the
 //! reservations made by `allow` decisions and approvals.
 
-use axum::Json;
 use axum::extract::{Path, RawQuery, State};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiJson, AppState};
+use super::{ApiJson, AppState, CommitStarted};
 use crate::domain::{Decision, Money, new_id};
 use crate::error::{AppError, FieldError};
 use crate::store::{
@@ -240,6 +240,7 @@ pub async fn get_case(
 pub async fn resolve_case(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    Extension(committing): Extension<CommitStarted>,
     ApiJson(body): ApiJson<ResolveRequest>,
 ) -> Result<Json<CaseResponse>, AppError> {
     let id = checked_id(&id, NO_CASE)?.to_owned();
@@ -253,10 +254,14 @@ pub async fn resolve_case(
             )]));
         }
     };
-    if body.note.as_ref().is_some_and(|n| n.chars().count() > 1000) {
+    if body
+        .note
+        .as_ref()
+        .is_some_and(|n| n.chars().count() > 1000 || n.chars().any(char::is_control))
+    {
         return Err(AppError::Invalid(vec![FieldError::new(
             "note",
-            "must be at most 1000 characters",
+            "must be at most 1000 characters, without control characters",
         )]));
     }
     // The daily limit is in the case's currency, which only the case knows.
@@ -277,7 +282,17 @@ pub async fn resolve_case(
             ),
         ));
     }
-    let daily_limit_minor = app.agent.policy().daily_limit_minor(case.amount.currency());
+    // A review can come from missing data (`balance_unavailable`), in which case the
+    // per-payment limit was never checked; it does not depend on the account, so check it now.
+    let policy = app.agent.policy();
+    let currency = case.amount.currency();
+    if approve && case.amount.minor() > Money::threshold_minor(policy.per_payment_limit, currency) {
+        return Err(AppError::Conflict(
+            "approval_refused",
+            "the funds cannot be reserved (limit_exceeded); the case stays open".into(),
+        ));
+    }
+    let daily_limit_minor = policy.daily_limit_minor(currency);
     let resolution = CaseResolution {
         case_id: id,
         approve,
@@ -286,6 +301,7 @@ pub async fn resolve_case(
         now_ms: now_ms(),
         daily_limit_minor,
     };
+    committing.mark();
     match app
         .store
         .resolve_case(resolution)
@@ -341,8 +357,10 @@ async fn settle(
     app: AppState,
     id: String,
     to: Settlement,
+    committing: CommitStarted,
 ) -> Result<Json<ReservationResponse>, AppError> {
     let id = checked_id(&id, NO_RESERVATION)?;
+    committing.mark();
     match app
         .store
         .settle_reservation(id, to, now_ms())
@@ -374,8 +392,9 @@ async fn settle(
 pub async fn capture_reservation(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    Extension(committing): Extension<CommitStarted>,
 ) -> Result<Json<ReservationResponse>, AppError> {
-    settle(app, id, Settlement::Capture).await
+    settle(app, id, Settlement::Capture, committing).await
 }
 
 /// Release a held reservation: the money is available again.
@@ -391,6 +410,7 @@ pub async fn capture_reservation(
 pub async fn release_reservation(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    Extension(committing): Extension<CommitStarted>,
 ) -> Result<Json<ReservationResponse>, AppError> {
-    settle(app, id, Settlement::Release).await
+    settle(app, id, Settlement::Release, committing).await
 }

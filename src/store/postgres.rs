@@ -263,6 +263,15 @@ impl PostgresStore {
             .await
             .map_err(|e| anyhow::anyhow!("cannot migrate the PostgreSQL database: {e:#}"))?;
         drop(client);
+        // The claims pool sets a startup option that a pooler in front of PostgreSQL may
+        // refuse: find that out now, not at the first payment.
+        let probe = fast.get().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open a PostgreSQL connection with synchronous_commit=off (DATABASE_URL): {}",
+                causes(&e)
+            )
+        })?;
+        drop(probe);
         Ok(PostgresStore {
             pool,
             fast,
@@ -887,8 +896,10 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client.simple_query("SELECT 1").await.map_err(db_error)?;
+        // Both pools: decisions need the claims pool as much as the commit pool.
+        for client in [self.client().await?, self.fast_client().await?] {
+            client.simple_query("SELECT 1").await.map_err(db_error)?;
+        }
         Ok(())
     }
 

@@ -10,6 +10,7 @@ crate::on_every_backend!(
     reservations_are_captured_or_released_once,
     held_reservations_expire_after_their_ttl,
     a_blocked_payment_can_be_declined_but_never_approved,
+    an_approval_never_passes_the_per_payment_limit,
     review_endpoints_refuse_bad_input,
 );
 
@@ -255,5 +256,45 @@ async fn review_endpoints_refuse_bad_input(backend: Backend) {
     // The case is still open after all that.
     let (_, case) = get(&app, &format!("/cases/{case_id}")).await;
     assert_eq!(case["status"], "open");
+    app.stop().await;
+}
+
+/// A review from missing data never checked the per-payment limit; the approval must.
+async fn an_approval_never_passes_the_per_payment_limit(backend: Backend) {
+    let app = spawn_with(backend, |c| {
+        no_rate_limit(c);
+        c.faults = paynow::agent::tools::parse_faults("getBalance=fail").unwrap();
+    })
+    .await;
+    let (_, over) = app
+        .decide_json(&payment("c_rich", "6000.00", "p_789"))
+        .await;
+    assert_eq!(over["reasons"], json!(["balance_unavailable"]), "{over}");
+    let resolve = format!("/cases/{}/resolve", over["caseId"].as_str().unwrap());
+    let (status, refused) = post(&app, &resolve, Some(json!({"action": "approve"}))).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["code"], "approval_refused");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .contains("limit_exceeded")
+    );
+    // Within the limit, the same kind of case can be approved once the reviewer checked.
+    let (_, within) = app.decide_json(&payment("c_rich", "100.00", "p_789")).await;
+    let resolve = format!("/cases/{}/resolve", within["caseId"].as_str().unwrap());
+    let (status, approved) = post(&app, &resolve, Some(json!({"action": "approve"}))).await;
+    assert_eq!(status, 200, "{approved}");
+    // Control characters in a note are refused before anything is written.
+    let (_, another) = app.decide_json(&payment("c_rich", "50.00", "p_789")).await;
+    let resolve = format!("/cases/{}/resolve", another["caseId"].as_str().unwrap());
+    let (status, problem) = post(
+        &app,
+        &resolve,
+        Some(json!({"action": "decline", "note": "a\u{0}b"})),
+    )
+    .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "note");
     app.stop().await;
 }
