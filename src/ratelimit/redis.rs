@@ -91,6 +91,12 @@ impl Batcher {
     async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Pending>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            // A caller past its deadline has fallen back to the local limiter already; taking
+            // a Redis token for it too would charge the customer twice.
+            batch.retain(|pending| !pending.answer.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
             let answers = self.gcra(&batch).await;
             for (i, pending) in batch.drain(..).enumerate() {
                 let answer = match &answers {
