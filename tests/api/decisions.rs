@@ -90,139 +90,95 @@ async fn expect(app: &crate::helpers::TestApp, body: Value, decision: &str, reas
 
 async fn every_block_reason_of_the_default_policy_fires(backend: Backend) {
     let app = spawn_with(backend, no_rate_limit).await;
-    expect(
-        &app,
-        payment("c_789", "125.50", "p_789"),
-        "block",
-        json!(["insufficient_funds"]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_eur", "10.00", "p_789"),
-        "block",
-        json!(["currency_mismatch"]),
-    )
-    .await;
-    expect(
-        &app,
-        payment_in("c_eur", "10.00", "EUR", "p_789"),
-        "allow",
-        json!([]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_rich", "6000.00", "p_789"),
-        "block",
-        json!(["limit_exceeded"]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_456", "10.00", "p_blocked"),
-        "block",
-        json!(["blocked_payee"]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_nope", "10.00", "p_789"),
-        "block",
-        json!(["unknown_customer"]),
-    )
-    .await;
-    // Several rules: block reasons first, then review reasons.
-    expect(
-        &app,
-        payment("c_123", "1500.00", "p_blocked"),
-        "block",
-        json!([
-            "insufficient_funds",
-            "blocked_payee",
-            "recent_disputes",
-            "new_device_high_amount",
-            "new_payee_high_amount"
-        ]),
-    )
-    .await;
-    // Other currencies keep their own minor units.
-    expect(
-        &app,
-        payment_in("c_jpy", "1000", "JPY", "p_789"),
-        "allow",
-        json!([]),
-    )
-    .await;
-    expect(
-        &app,
-        payment_in("c_bhd", "1.234", "BHD", "p_789"),
-        "allow",
-        json!([]),
-    )
-    .await;
+    let cases = [
+        (
+            payment("c_789", "125.50", "p_789"),
+            "block",
+            json!(["insufficient_funds"]),
+        ),
+        (
+            payment("c_eur", "10.00", "p_789"),
+            "block",
+            json!(["currency_mismatch"]),
+        ),
+        (
+            payment_in("c_eur", "10.00", "EUR", "p_789"),
+            "allow",
+            json!([]),
+        ),
+        (
+            payment("c_rich", "6000.00", "p_789"),
+            "block",
+            json!(["limit_exceeded"]),
+        ),
+        (
+            payment("c_456", "10.00", "p_blocked"),
+            "block",
+            json!(["blocked_payee"]),
+        ),
+        (
+            payment("c_nope", "10.00", "p_789"),
+            "block",
+            json!(["unknown_customer"]),
+        ),
+        // Several rules: block reasons first, then review reasons.
+        (
+            payment("c_123", "1500.00", "p_blocked"),
+            "block",
+            json!([
+                "insufficient_funds",
+                "blocked_payee",
+                "recent_disputes",
+                "new_device_high_amount",
+                "new_payee_high_amount"
+            ]),
+        ),
+        // Other currencies keep their own minor units.
+        (
+            payment_in("c_jpy", "1000", "JPY", "p_789"),
+            "allow",
+            json!([]),
+        ),
+        (
+            payment_in("c_bhd", "1.234", "BHD", "p_789"),
+            "allow",
+            json!([]),
+        ),
+    ];
+    for (body, decision, reasons) in cases {
+        expect(&app, body, decision, reasons).await;
+    }
     app.stop().await;
 }
 
 async fn every_review_reason_of_the_default_policy_fires(backend: Backend) {
     let app = spawn_with(backend, no_rate_limit).await;
-    expect(
-        &app,
-        payment("c_rich", "1500.00", "p_789"),
-        "allow",
-        json!([]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_rich", "1500.00", "p_new"),
-        "review",
-        json!(["new_payee_high_amount"]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_rich", "999.99", "p_new2"),
-        "allow",
-        json!([]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_newdev", "1200.00", "p_789"),
-        "review",
-        json!(["new_device_high_amount"]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_newdev", "999.99", "p_789"),
-        "allow",
-        json!([]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_123", "10.00", "p_789"),
-        "review",
-        json!(["recent_disputes"]),
-    )
-    .await;
-    // A payee paid once (allowed) is known from then on.
-    expect(
-        &app,
-        payment("c_rich", "10.00", "p_fresh"),
-        "allow",
-        json!([]),
-    )
-    .await;
-    expect(
-        &app,
-        payment("c_rich", "1000.00", "p_fresh"),
-        "allow",
-        json!([]),
-    )
-    .await;
+    // In order: a payee paid once (allowed) is known from then on.
+    let cases = [
+        (payment("c_rich", "1500.00", "p_789"), "allow", json!([])),
+        (
+            payment("c_rich", "1500.00", "p_new"),
+            "review",
+            json!(["new_payee_high_amount"]),
+        ),
+        (payment("c_rich", "999.99", "p_new2"), "allow", json!([])),
+        (
+            payment("c_newdev", "1200.00", "p_789"),
+            "review",
+            json!(["new_device_high_amount"]),
+        ),
+        (payment("c_newdev", "999.99", "p_789"), "allow", json!([])),
+        (
+            payment("c_123", "10.00", "p_789"),
+            "review",
+            json!(["recent_disputes"]),
+        ),
+        (payment("c_rich", "10.00", "p_fresh"), "allow", json!([])),
+        (payment("c_rich", "1000.00", "p_fresh"), "allow", json!([])),
+    ];
+    for (body, decision, reasons) in cases {
+        expect(&app, body, decision, reasons).await;
+    }
     app.stop().await;
 }
 
