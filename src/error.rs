@@ -59,8 +59,13 @@ pub enum AppError {
     Conflict(&'static str, String),
     #[error("method not allowed on this resource")]
     MethodNotAllowed,
-    #[error("the request took too long and was stopped")]
+    #[error("the request took too long and was stopped; nothing was written")]
     Timeout,
+    /// The commit was sent but has not answered in time: it may or may not have happened.
+    #[error(
+        "the decision's commit did not answer in time; its outcome is unknown: retry with the same idempotency key to learn it"
+    )]
+    CommitOutcomeUnknown,
     #[error("storage is unavailable; nothing was written")]
     StoreUnavailable(String),
     #[error("internal error")]
@@ -114,7 +119,9 @@ impl AppError {
             AppError::IdempotencyInProgress | AppError::Conflict(..) => StatusCode::CONFLICT,
             AppError::NotFound | AppError::NoSuch { .. } => StatusCode::NOT_FOUND,
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            AppError::Timeout | AppError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Timeout | AppError::CommitOutcomeUnknown | AppError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -134,6 +141,7 @@ impl AppError {
             AppError::Conflict(code, _) => code,
             AppError::MethodNotAllowed => "method_not_allowed",
             AppError::Timeout => "request_timeout",
+            AppError::CommitOutcomeUnknown => "commit_outcome_unknown",
             AppError::StoreUnavailable(_) => "storage_unavailable",
             AppError::Internal(_) => "internal_error",
         }
@@ -153,6 +161,7 @@ impl AppError {
             AppError::Conflict(..) => "Conflict",
             AppError::MethodNotAllowed => "Method not allowed",
             AppError::Timeout => "Request timeout",
+            AppError::CommitOutcomeUnknown => "Outcome unknown",
             AppError::StoreUnavailable(_) => "Service unavailable",
             AppError::Internal(_) => "Internal server error",
         }

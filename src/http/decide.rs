@@ -20,6 +20,10 @@ use crate::store::{
     Begin, CommitOutcome, DecisionRecord, IdempotencyScope, Lookup, StoredResponse, now_ms,
 };
 
+/// How long past the request deadline a started commit is awaited before the answer becomes
+/// `commit_outcome_unknown`.
+pub const COMMIT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A payment to decide. Unknown fields are refused.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -258,7 +262,7 @@ fn with_rate_headers(mut res: Response, limit: &RateDecision) -> Response {
         (status = 415, description = "Content type is not JSON", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field, or idempotency key reused for another payment", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 429, description = "Rate limit exceeded (see Retry-After)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Storage unavailable or request timed out; nothing was written", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage unavailable or request timed out (nothing was written), or `commit_outcome_unknown`: the commit did not answer in time, retry with the same key", body = crate::error::Problem, content_type = "application/problem+json"),
     ))]
 pub async fn decide_payment(
     State(app): State<AppState>,
@@ -318,10 +322,12 @@ pub async fn decide_payment(
         daily_limit_minor,
     };
     committing.mark();
-    let committed = match app
-        .store
-        .commit_decision(record)
+    // Past the request deadline the commit is still awaited (its answer is the truth), but
+    // not forever: a database that stopped answering mid-commit gets an honest "unknown".
+    let bound = app.config.request_timeout + COMMIT_GRACE;
+    let committed = match tokio::time::timeout(bound, app.store.commit_decision(record))
         .await
+        .map_err(|_| AppError::CommitOutcomeUnknown)?
         .map_err(AppError::from)?
     {
         CommitOutcome::Committed(c) => c,

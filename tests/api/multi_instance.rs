@@ -522,3 +522,50 @@ async fn a_database_that_goes_away_gets_503s_and_nothing_half_written() {
     );
     app.stop().await;
 }
+
+/// A commit stuck behind a lock past the deadline and its grace: the answer says the outcome
+/// is unknown (not "nothing written"), and the same key later tells the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_does_not_answer_in_time_is_reported_as_unknown() {
+    if !Backend::Postgres.available() {
+        return;
+    }
+    let app = crate::helpers::spawn_with(Backend::Postgres, |c| {
+        c.request_timeout = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let url = app.config.database_url.clone();
+    let (mut locker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM accounts WHERE customer_id = 'c_456' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let body = payment("c_456", "100.00", "p_789");
+    let started = std::time::Instant::now();
+    let (status, problem) = app.decide_json(&body).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(problem["code"], "commit_outcome_unknown");
+    assert!(started.elapsed() >= paynow::http::decide::COMMIT_GRACE);
+
+    // The lock goes; the commit that was waiting for it completes, and the key replays it.
+    lock.rollback().await.unwrap();
+    let mut replayed = None;
+    for _ in 0..50 {
+        let res = app.decide(&body).await;
+        if res.headers().get("idempotent-replayed").is_some() {
+            replayed = Some(res.json::<Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let replayed = replayed.expect("the stuck commit completed and is replayed");
+    assert_eq!(replayed["decision"], "allow", "{replayed}");
+    app.stop().await;
+}
