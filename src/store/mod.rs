@@ -234,21 +234,10 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Option<Lookup>, StoreError>;
 
-    async fn account(&self, customer: &CustomerId) -> Result<Option<Account>, StoreError>;
-
-    async fn risk_profile(
-        &self,
-        customer: &CustomerId,
-        payee: &PayeeId,
-        velocity_since_ms: i64,
-    ) -> Result<Option<RiskProfile>, StoreError>;
-
-    /// Writes the reservation (allow) or the case (review/block), the decision and the
-    /// idempotent response atomically. An `allow` whose reservation no longer fits is turned
-    /// into a `block` before anything is written.
     /// What both tools need about one payment, read in one statement (one snapshot, one
-    /// round trip): the account as [`Store::account`] returns it, and the risk profile as
-    /// [`Store::risk_profile`] does. Both are `None` when there is no such account.
+    /// round trip): the account's balance side and its risk profile, with this payee's
+    /// familiarity and the payments since `velocity_since_ms`. Both are `None` when there is
+    /// no such account.
     async fn payment_reads(
         &self,
         customer: &CustomerId,
@@ -256,6 +245,9 @@ pub trait Store: Send + Sync + 'static {
         velocity_since_ms: i64,
     ) -> Result<PaymentReads, StoreError>;
 
+    /// Writes the reservation (allow) or the case (review/block), the decision and the
+    /// idempotent response atomically. An `allow` whose reservation no longer fits is turned
+    /// into a `block` before anything is written.
     async fn commit_decision(&self, record: DecisionRecord) -> Result<CommitOutcome, StoreError>;
 
     /// Deletes idempotency records that expired before `now_ms`; returns how many.

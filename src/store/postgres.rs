@@ -668,70 +668,6 @@ impl Store for PostgresStore {
         })))
     }
 
-    async fn account(&self, customer: &CustomerId) -> Result<Option<Account>, StoreError> {
-        let client = self.fast_client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT currency, balance_minor, reserved_minor, outflow_day, outflow_minor
-                 FROM accounts WHERE customer_id = $1",
-            )
-            .await
-            .map_err(db_error)?;
-        let row = client
-            .query_opt(&stmt, &[&customer.as_str()])
-            .await
-            .map_err(db_error)?;
-        row.map(|r| {
-            let currency: &str = col(&r, 0)?;
-            let currency = Currency::parse(currency).map_err(|_| {
-                StoreError::Internal(format!("account has bad currency {currency:?}"))
-            })?;
-            Ok(Account {
-                customer: customer.clone(),
-                balance: Money::from_minor(col(&r, 1)?, currency),
-                reserved_minor: col(&r, 2)?,
-                outflow_day: col(&r, 3)?,
-                outflow_minor: col(&r, 4)?,
-            })
-        })
-        .transpose()
-    }
-
-    async fn risk_profile(
-        &self,
-        customer: &CustomerId,
-        payee: &PayeeId,
-        velocity_since_ms: i64,
-    ) -> Result<Option<RiskProfile>, StoreError> {
-        let client = self.fast_client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT a.recent_disputes, a.device_change, a.home_country,
-                        EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = $1 AND k.payee_id = $2),
-                        (SELECT count(*) FROM decisions d WHERE d.customer_id = $1 AND d.created_ms >= $3)
-                 FROM accounts a WHERE a.customer_id = $1",
-            )
-            .await
-            .map_err(db_error)?;
-        let row = client
-            .query_opt(
-                &stmt,
-                &[&customer.as_str(), &payee.as_str(), &velocity_since_ms],
-            )
-            .await
-            .map_err(db_error)?;
-        row.map(|r| {
-            Ok(RiskProfile {
-                recent_disputes: u32::try_from(col::<i32>(&r, 0)?).unwrap_or(0),
-                device_change: col(&r, 1)?,
-                home_country: col(&r, 2)?,
-                known_payee: col(&r, 3)?,
-                recent_payments: u32::try_from(col::<i64>(&r, 4)?).unwrap_or(u32::MAX),
-            })
-        })
-        .transpose()
-    }
-
     async fn payment_reads(
         &self,
         customer: &CustomerId,
@@ -1196,20 +1132,32 @@ fn case_from_row(row: &tokio_postgres::Row) -> Result<Case, StoreError> {
     })
 }
 
+/// One row of `table` by id, optionally locked for the rest of the transaction.
+async fn read_by_id<T>(
+    client: &impl deadpool_postgres::GenericClient,
+    columns: &str,
+    table: &str,
+    id: &str,
+    for_update: bool,
+    from_row: fn(&tokio_postgres::Row) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let lock = if for_update { " FOR UPDATE" } else { "" };
+    let row = client
+        .query_opt(
+            &format!("SELECT {columns} FROM {table} WHERE id = $1{lock}"),
+            &[&id],
+        )
+        .await
+        .map_err(db_error)?;
+    row.as_ref().map(from_row).transpose()
+}
+
 async fn read_case(
     client: &impl deadpool_postgres::GenericClient,
     id: &str,
     for_update: bool,
 ) -> Result<Option<Case>, StoreError> {
-    let lock = if for_update { " FOR UPDATE" } else { "" };
-    let row = client
-        .query_opt(
-            &format!("SELECT {CASE_COLUMNS} FROM cases WHERE id = $1{lock}"),
-            &[&id],
-        )
-        .await
-        .map_err(db_error)?;
-    row.as_ref().map(case_from_row).transpose()
+    read_by_id(client, CASE_COLUMNS, "cases", id, for_update, case_from_row).await
 }
 
 fn reservation_from_row(row: &tokio_postgres::Row) -> Result<Reservation, StoreError> {
@@ -1234,15 +1182,16 @@ async fn read_reservation(
     id: &str,
     for_update: bool,
 ) -> Result<Option<Reservation>, StoreError> {
-    let lock = if for_update { " FOR UPDATE" } else { "" };
-    let row = client
-        .query_opt(
-            &format!("SELECT {RESERVATION_COLUMNS} FROM reservations WHERE id = $1{lock}"),
-            &[&id],
-        )
-        .await
-        .map_err(db_error)?;
-    row.as_ref().map(reservation_from_row).transpose()
+    let columns = RESERVATION_COLUMNS;
+    read_by_id(
+        client,
+        columns,
+        "reservations",
+        id,
+        for_update,
+        reservation_from_row,
+    )
+    .await
 }
 
 /// Moves a held (and locked) reservation to `status` and gives its money back to the account:

@@ -463,64 +463,6 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn account(&self, customer: &CustomerId) -> Result<Option<Account>, StoreError> {
-        let row = self.read(|conn| {
-            conn.prepare_cached(
-                "SELECT currency, balance_minor, reserved_minor, outflow_day, outflow_minor
-                 FROM accounts WHERE customer_id = ?1",
-            )?
-            .query_row([customer.as_str()], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })
-            .optional()
-        })?;
-        row.map(|(currency, balance, reserved, day, outflow)| {
-            let currency = Currency::parse(&currency).map_err(|_| {
-                StoreError::Internal(format!("account has bad currency {currency:?}"))
-            })?;
-            Ok(Account {
-                customer: customer.clone(),
-                balance: Money::from_minor(balance, currency),
-                reserved_minor: reserved,
-                outflow_day: day,
-                outflow_minor: outflow,
-            })
-        })
-        .transpose()
-    }
-
-    async fn risk_profile(
-        &self,
-        customer: &CustomerId,
-        payee: &PayeeId,
-        velocity_since_ms: i64,
-    ) -> Result<Option<RiskProfile>, StoreError> {
-        self.read(|conn| {
-            conn.prepare_cached(
-                "SELECT a.recent_disputes, a.device_change, a.home_country,
-                        EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = ?1 AND k.payee_id = ?2),
-                        (SELECT count(*) FROM decisions d WHERE d.customer_id = ?1 AND d.created_ms >= ?3)
-                 FROM accounts a WHERE a.customer_id = ?1",
-            )?
-            .query_row(params![customer.as_str(), payee.as_str(), velocity_since_ms], |r| {
-                Ok(RiskProfile {
-                    recent_disputes: r.get(0)?,
-                    device_change: r.get(1)?,
-                    home_country: r.get(2)?,
-                    known_payee: r.get(3)?,
-                    recent_payments: r.get(4)?,
-                })
-            })
-            .optional()
-        })
-    }
-
     async fn payment_reads(
         &self,
         customer: &CustomerId,

@@ -323,21 +323,30 @@ fn allow_record(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lease() {
-    if !Backend::Postgres.available() {
-        return;
-    }
+/// Two stores (as two instances would hold) on one fresh PostgreSQL database, with this
+/// claim lease.
+async fn two_stores_on_one_database(
+    claim_lease: Duration,
+) -> (paynow::store::DynStore, paynow::store::DynStore) {
     let dir = tempfile::tempdir().unwrap();
     let url = Backend::Postgres.fresh_database(dir.path()).await;
     let options = PostgresOptions {
-        claim_lease: Duration::from_millis(500),
+        claim_lease,
         ..Default::default()
     };
     let first = paynow::store::open_with(&url, options.clone())
         .await
         .unwrap();
     let second = paynow::store::open_with(&url, options).await.unwrap();
+    (first, second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lease() {
+    if !Backend::Postgres.available() {
+        return;
+    }
+    let (first, second) = two_stores_on_one_database(Duration::from_millis(500)).await;
     first
         .seed_if_empty(&paynow::fixtures::load(None).unwrap())
         .await
@@ -400,7 +409,12 @@ async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lea
             .unwrap(),
         CommitOutcome::Duplicate
     ));
-    let account = first.account(&payment.customer).await.unwrap().unwrap();
+    let account = first
+        .payment_reads(&payment.customer, &payment.payee, 0)
+        .await
+        .unwrap()
+        .account
+        .unwrap();
     assert_eq!(account.reserved_minor, 10_000, "reserved once, not twice");
     assert!(matches!(
         first
@@ -418,17 +432,8 @@ async fn a_claim_released_without_commit_frees_its_key_at_once() {
     if !Backend::Postgres.available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let url = Backend::Postgres.fresh_database(dir.path()).await;
     // A long lease: only the release can free the key within this test.
-    let options = PostgresOptions {
-        claim_lease: Duration::from_secs(600),
-        ..Default::default()
-    };
-    let first = paynow::store::open_with(&url, options.clone())
-        .await
-        .unwrap();
-    let second = paynow::store::open_with(&url, options).await.unwrap();
+    let (first, second) = two_stores_on_one_database(Duration::from_secs(600)).await;
     let scope = IdempotencyScope {
         caller: Arc::from("key-test"),
         key: IdempotencyKey::parse("released-1").unwrap(),
