@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::domain::{Decision, Payment, Reason, RequestId, TraceStep, format_minor};
 use crate::policy::{Policy, ToolPolicy};
-use crate::store::{Account, RiskProfile};
+use crate::store::{Account, PaymentReads, ReadsRequest, RiskProfile};
 use rules::{Facts, Fetched};
 use tools::{BalanceTool, RiskTool, Tool, ToolContext, ToolError};
 
@@ -218,10 +218,25 @@ impl Agent {
         &self.policy
     }
 
-    /// Plans, calls the tools, applies the rules and recommends.
-    pub async fn assess(&self, payment: &Payment, now_ms: i64) -> Outcome {
+    /// What the tools will read to assess `payment` at `now_ms`.
+    pub fn reads_request(&self, payment: &Payment, now_ms: i64) -> ReadsRequest {
+        ReadsRequest {
+            customer: payment.customer.clone(),
+            payee: payment.payee.clone(),
+            velocity_since_ms: now_ms - (self.policy.velocity.window_secs as i64) * 1000,
+        }
+    }
+
+    /// Plans, calls the tools, applies the rules and recommends. `prefetched` is what the
+    /// store already read for the tools (see [`ToolContext`]).
+    pub async fn assess(
+        &self,
+        payment: &Payment,
+        now_ms: i64,
+        prefetched: Option<PaymentReads>,
+    ) -> Outcome {
         let limits = &self.policy.tools;
-        let ctx = ToolContext::new(now_ms - (self.policy.velocity.window_secs as i64) * 1000);
+        let ctx = ToolContext::new(self.reads_request(payment, now_ms), prefetched);
         let mut trace = vec![TraceStep::new("plan", PLAN)];
         let mut failed_tools = Vec::new();
 

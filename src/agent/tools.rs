@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::domain::Payment;
-use crate::store::{Account, DynStore, PaymentReads, RiskProfile, StoreError};
+use crate::store::{Account, DynStore, PaymentReads, ReadsRequest, RiskProfile, StoreError};
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum ToolError {
@@ -33,36 +33,32 @@ fn store_failure(tool: &'static str, e: crate::store::StoreError) -> ToolError {
     ToolError::Failed("storage error".into())
 }
 
-/// What the tools of one assessment share: the start of the velocity window, and the store
+/// What the tools of one assessment share: what to read about the payment, and the store
 /// reads behind `getBalance` and `getRiskSignals`.
 ///
 /// The agent calls both tools at once, each with its own deadline and retries, and both want
 /// the same account row: reading it once, in one statement, costs one round trip and one
-/// snapshot instead of two. The first tool to ask starts the read and the other waits for
-/// it. A failed or abandoned (deadline) read is not kept, so the next attempt reads again.
-/// The context lives for one assessment only, so nothing read is reused by another request.
+/// snapshot instead of two. The store usually made that read already, in the round trip that
+/// claimed the idempotency key (`prefetched`); otherwise the first tool to ask starts the
+/// read and the other waits for it. A failed or abandoned (deadline) read is not kept, so
+/// the next attempt reads again. The context lives for one assessment only, so nothing read
+/// is reused by another request.
 pub struct ToolContext {
-    pub velocity_since_ms: i64,
-    reads: tokio::sync::OnceCell<PaymentReads>,
+    pub reads: ReadsRequest,
+    fetched: tokio::sync::OnceCell<PaymentReads>,
 }
 
 impl ToolContext {
-    pub fn new(velocity_since_ms: i64) -> Self {
+    pub fn new(reads: ReadsRequest, prefetched: Option<PaymentReads>) -> Self {
         ToolContext {
-            velocity_since_ms,
-            reads: tokio::sync::OnceCell::new(),
+            reads,
+            fetched: tokio::sync::OnceCell::new_with(prefetched),
         }
     }
 
-    async fn payment_reads(
-        &self,
-        store: &DynStore,
-        payment: &Payment,
-    ) -> Result<&PaymentReads, StoreError> {
-        self.reads
-            .get_or_try_init(|| {
-                store.payment_reads(&payment.customer, &payment.payee, self.velocity_since_ms)
-            })
+    async fn payment_reads(&self, store: &DynStore) -> Result<&PaymentReads, StoreError> {
+        self.fetched
+            .get_or_try_init(|| store.payment_reads(&self.reads))
             .await
     }
 }
@@ -76,8 +72,8 @@ impl Tool for StoreBalance {
     fn name(&self) -> &'static str {
         "getBalance"
     }
-    async fn call(&self, payment: &Payment, ctx: &ToolContext) -> Result<Self::Output, ToolError> {
-        ctx.payment_reads(&self.0, payment)
+    async fn call(&self, _: &Payment, ctx: &ToolContext) -> Result<Self::Output, ToolError> {
+        ctx.payment_reads(&self.0)
             .await
             .map(|reads| reads.account.clone())
             .map_err(|e| store_failure(self.name(), e))
@@ -93,8 +89,8 @@ impl Tool for StoreRiskSignals {
     fn name(&self) -> &'static str {
         "getRiskSignals"
     }
-    async fn call(&self, payment: &Payment, ctx: &ToolContext) -> Result<Self::Output, ToolError> {
-        ctx.payment_reads(&self.0, payment)
+    async fn call(&self, _: &Payment, ctx: &ToolContext) -> Result<Self::Output, ToolError> {
+        ctx.payment_reads(&self.0)
             .await
             .map(|reads| reads.risk.clone())
             .map_err(|e| store_failure(self.name(), e))

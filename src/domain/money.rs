@@ -50,22 +50,14 @@ impl Currency {
             .as_bytes()
             .try_into()
             .map_err(|_| CurrencyError::Unknown)?;
-        if !bytes.iter().all(u8::is_ascii_uppercase) || !contains_code(ISO_4217, code) {
-            return Err(CurrencyError::Unknown);
+        let slot = table_slot(bytes).ok_or(CurrencyError::Unknown)?;
+        match exponents()[slot] {
+            UNKNOWN => Err(CurrencyError::Unknown),
+            exponent => Ok(Currency {
+                code: bytes,
+                exponent,
+            }),
         }
-        let exponent = if contains_code(EXPONENT_0, code) {
-            0
-        } else if contains_code(EXPONENT_3, code) {
-            3
-        } else if contains_code(EXPONENT_4, code) {
-            4
-        } else {
-            2
-        };
-        Ok(Currency {
-            code: bytes,
-            exponent,
-        })
     }
 
     pub fn code(&self) -> &str {
@@ -79,8 +71,37 @@ impl Currency {
     }
 }
 
-fn contains_code(list: &str, code: &str) -> bool {
-    list.split_ascii_whitespace().any(|c| c == code)
+/// Marks a three-letter code that is not a currency in [`exponents`].
+const UNKNOWN: u8 = u8::MAX;
+
+/// Where the code `AAA`..`ZZZ` sits in [`exponents`]; `None` unless three upper-case letters.
+fn table_slot(code: [u8; 3]) -> Option<usize> {
+    code.iter().try_fold(0usize, |slot, &b| {
+        b.is_ascii_uppercase()
+            .then(|| slot * 26 + usize::from(b - b'A'))
+    })
+}
+
+/// The minor-unit exponent of every three-letter code (`UNKNOWN` if it is no currency),
+/// built once from the lists above: parsing a currency is then one lookup, on every request.
+fn exponents() -> &'static [u8; 26 * 26 * 26] {
+    static TABLE: std::sync::OnceLock<Box<[u8; 26 * 26 * 26]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = Box::new([UNKNOWN; 26 * 26 * 26]);
+        for (list, exponent) in [
+            (ISO_4217, 2),
+            (EXPONENT_0, 0),
+            (EXPONENT_3, 3),
+            (EXPONENT_4, 4),
+        ] {
+            for code in list.split_ascii_whitespace() {
+                if let Some(slot) = code.as_bytes().try_into().ok().and_then(table_slot) {
+                    table[slot] = exponent;
+                }
+            }
+        }
+        table
+    })
 }
 
 impl fmt::Display for Currency {
@@ -250,6 +271,20 @@ mod tests {
         assert_eq!(cur("JPY").exponent(), 0);
         assert_eq!(cur("BHD").exponent(), 3);
         assert_eq!(cur("EUR").code(), "EUR");
+    }
+
+    #[test]
+    fn every_code_with_other_minor_units_is_a_listed_currency() {
+        for list in [EXPONENT_0, EXPONENT_3, EXPONENT_4] {
+            for code in list.split_ascii_whitespace() {
+                assert!(
+                    ISO_4217.split_ascii_whitespace().any(|c| c == code),
+                    "{code}"
+                );
+            }
+        }
+        let count = exponents().iter().filter(|&&e| e != UNKNOWN).count();
+        assert_eq!(count, ISO_4217.split_ascii_whitespace().count());
     }
 
     #[test]

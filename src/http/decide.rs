@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -240,6 +241,20 @@ fn replay(stored: StoredResponse) -> Response {
     res
 }
 
+/// The `Idempotency-Key` header, if sent: the one header the handler reads, taken alone
+/// rather than with a copy of the whole header map.
+pub struct IdempotencyHeader(Option<HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(IdempotencyHeader(
+            parts.headers.get(IDEMPOTENCY_KEY).cloned(),
+        ))
+    }
+}
+
 fn with_rate_headers(mut res: Response, limit: &RateDecision) -> Response {
     rate_limit_headers(&mut res, limit);
     res
@@ -269,10 +284,10 @@ pub async fn decide_payment(
     Extension(Caller(caller)): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     Extension(committing): Extension<CommitStarted>,
-    headers: HeaderMap,
+    IdempotencyHeader(header_key): IdempotencyHeader,
     ApiJson(body): ApiJson<DecideRequest>,
 ) -> Result<Response, AppError> {
-    let (payment, key) = parse_request(body, headers.get(IDEMPOTENCY_KEY))?;
+    let (payment, key) = parse_request(body, header_key.as_ref())?;
 
     let limit = app.limiter.check(payment.customer.as_str()).await;
     if !limit.allowed {
@@ -286,13 +301,14 @@ pub async fn decide_payment(
         key,
     };
     let fingerprint = payment.fingerprint();
-    let claim = match app
+    let reads = app.agent.reads_request(&payment, now);
+    let (claim, prefetched) = match app
         .store
-        .begin_idempotent(&scope, &fingerprint, now)
+        .begin_idempotent(&scope, &fingerprint, now, Some(&reads))
         .await
         .map_err(AppError::from)?
     {
-        Begin::Fresh(claim) => claim,
+        Begin::Fresh(claim, prefetched) => (claim, prefetched),
         Begin::Replay(stored) => {
             app.metrics.replayed();
             return Ok(with_rate_headers(replay(stored), &limit));
@@ -301,7 +317,7 @@ pub async fn decide_payment(
         Begin::InProgress => return Err(AppError::IdempotencyInProgress),
     };
 
-    let outcome = app.agent.assess(&payment, now).await;
+    let outcome = app.agent.assess(&payment, now, prefetched).await;
     for tool in &outcome.failed_tools {
         app.metrics.tool_failed(tool);
     }
@@ -354,23 +370,16 @@ pub async fn decide_payment(
     let outcome = &committed.outcome;
     app.metrics.decision(outcome.decision, &outcome.reasons);
     let reasons: Vec<&str> = outcome.reasons.iter().map(|r| r.as_str()).collect();
-    let customer = payment.customer.masked();
+    // One line per decision: the decision with its reasons, and the brief's event publish.
     tracing::info!(
-        event = "decision",
+        event = "payment.decided",
         requestId = %request_id,
-        customerId = %customer,
+        customerId = %payment.customer.masked(),
+        payeeId = %payment.payee.masked(),
         decision = outcome.decision.as_str(),
         reasons = ?reasons,
         amount = %payment.amount,
         currency = %payment.amount.currency(),
-    );
-    tracing::info!(
-        event = "payment.decided",
-        requestId = %request_id,
-        customerId = %customer,
-        payeeId = %payment.payee.masked(),
-        decision = outcome.decision.as_str(),
-        reasons = ?reasons,
         reservationId = committed.reservation_id.as_deref().unwrap_or(""),
         caseId = committed.case_id.as_deref().unwrap_or(""),
     );

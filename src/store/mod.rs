@@ -10,6 +10,8 @@
 //! * [`Store::begin_idempotent`] either claims the key for this request ([`Begin::Fresh`]),
 //!   or returns the stored answer ([`Begin::Replay`]), or says the key belongs to another
 //!   payment ([`Begin::Mismatch`]) or to a request still running ([`Begin::InProgress`]).
+//!   Given the payment's [`ReadsRequest`], a fresh claim comes with what the tools will read
+//!   ([`PaymentReads`]), fetched in the same round trip.
 //! * The claim is released when the [`Claim`] is dropped, committed or not.
 //! * The unique key in the database is the final word: if two executions ever reach commit
 //!   with one key, the second is rolled back whole and answers with the first one's response
@@ -74,6 +76,27 @@ pub struct PaymentReads {
     pub risk: Option<RiskProfile>,
 }
 
+/// What the tools will read about a payment: its customer's account and risk profile, this
+/// payee's familiarity, and the customer's payments since `velocity_since_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadsRequest {
+    pub customer: CustomerId,
+    pub payee: PayeeId,
+    pub velocity_since_ms: i64,
+}
+
+/// The tools' reads made alongside a claim, if they worked: a failed one is left to the
+/// tools, which read again with their own deadlines and retries.
+pub fn prefetched(fetched: Option<Result<PaymentReads, StoreError>>) -> Option<PaymentReads> {
+    match fetched.transpose() {
+        Ok(fetched) => fetched,
+        Err(e) => {
+            tracing::warn!(event = "store.prefetch_failed", error = %e);
+            None
+        }
+    }
+}
+
 /// Who asked (the API key's identity) and under which key: the scope of idempotency.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct IdempotencyScope {
@@ -123,7 +146,9 @@ impl Drop for Claim {
 }
 
 pub enum Begin {
-    Fresh(Claim),
+    /// The key is this request's; with the tools' reads when they were asked for and could
+    /// be made alongside (`None`: the tools read for themselves).
+    Fresh(Claim, Option<PaymentReads>),
     Replay(StoredResponse),
     Mismatch,
     InProgress,
@@ -159,29 +184,9 @@ impl DecisionRecord {
     }
 
     /// The reservation did not fit at commit, with `available` and today's `outflow` (minor
-    /// units) as the account has them now: a concurrent payment took the funds or reached
-    /// the daily limit. The answer becomes a block, and the trace says why.
+    /// units) as the account has them now: see [`refuse_reservation`].
     pub fn refuse_reservation(&mut self, available: i64, outflow: i64) {
-        let amount = self.payment.amount;
-        let show = |minor| crate::domain::format_minor(minor, amount.currency().exponent());
-        let (reason, detail) = if amount.minor() > available {
-            (
-                Reason::InsufficientFunds,
-                format!(
-                    "reservation refused: a concurrent payment took the funds (available={})",
-                    show(available)
-                ),
-            )
-        } else {
-            (
-                Reason::LimitExceeded,
-                format!(
-                    "reservation refused: concurrent payments reached the daily limit (today's outflow={})",
-                    show(outflow)
-                ),
-            )
-        };
-        self.outcome.refuse_at_commit(reason, detail);
+        refuse_reservation(&self.payment, &mut self.outcome, available, outflow);
     }
 
     pub fn response_body(&self) -> Vec<u8> {
@@ -192,6 +197,32 @@ impl DecisionRecord {
             &self.payment,
         )
     }
+}
+
+/// The reservation of `payment` did not fit at commit, with `available` and today's `outflow`
+/// (minor units) as the account has them now: a concurrent payment took the funds or reached
+/// the daily limit. The answer becomes a block, and the trace says why.
+pub fn refuse_reservation(payment: &Payment, outcome: &mut Outcome, available: i64, outflow: i64) {
+    let amount = payment.amount;
+    let show = |minor| crate::domain::format_minor(minor, amount.currency().exponent());
+    let (reason, detail) = if amount.minor() > available {
+        (
+            Reason::InsufficientFunds,
+            format!(
+                "reservation refused: a concurrent payment took the funds (available={})",
+                show(available)
+            ),
+        )
+    } else {
+        (
+            Reason::LimitExceeded,
+            format!(
+                "reservation refused: concurrent payments reached the daily limit (today's outflow={})",
+                show(outflow)
+            ),
+        )
+    };
+    outcome.refuse_at_commit(reason, detail);
 }
 
 pub struct Committed {
@@ -220,11 +251,14 @@ pub trait Store: Send + Sync + 'static {
     /// Which engine this is, for logs and `/readyz`.
     fn engine(&self) -> &'static str;
 
+    /// Claims the key (see the module doc). With `reads`, a fresh claim also carries what
+    /// the tools will read for the payment, read in the same round trip as the claim.
     async fn begin_idempotent(
         &self,
         scope: &IdempotencyScope,
         fingerprint: &[u8; 32],
         now_ms: i64,
+        reads: Option<&ReadsRequest>,
     ) -> Result<Begin, StoreError>;
 
     async fn find_response(
@@ -238,12 +272,7 @@ pub trait Store: Send + Sync + 'static {
     /// round trip): the account's balance side and its risk profile, with this payee's
     /// familiarity and the payments since `velocity_since_ms`. Both are `None` when there is
     /// no such account.
-    async fn payment_reads(
-        &self,
-        customer: &CustomerId,
-        payee: &PayeeId,
-        velocity_since_ms: i64,
-    ) -> Result<PaymentReads, StoreError>;
+    async fn payment_reads(&self, request: &ReadsRequest) -> Result<PaymentReads, StoreError>;
 
     /// Writes the reservation (allow) or the case (review/block), the decision and the
     /// idempotent response atomically. An `allow` whose reservation no longer fits is turned

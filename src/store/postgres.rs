@@ -42,13 +42,13 @@ use tokio_postgres::error::SqlState;
 
 use super::{
     Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
-    PaymentReads, RiskProfile, Store, StoreError, StoredResponse, reasons_json,
+    PaymentReads, ReadsRequest, RiskProfile, Store, StoreError, StoredResponse, reasons_json,
 };
 use super::{
     Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
     Settlement, refusal_reason,
 };
-use crate::domain::{Currency, CustomerId, Decision, Money, PayeeId, RequestId};
+use crate::domain::{Currency, Decision, Money, RequestId};
 use crate::fixtures::CustomerFixture;
 
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -561,6 +561,56 @@ WITH claim AS MATERIALIZED (
 )
 SELECT EXISTS (SELECT 1 FROM done)";
 
+/// What both tools need about one payment, in one statement.
+async fn read_payment(
+    client: &deadpool_postgres::Client,
+    request: &ReadsRequest,
+) -> Result<PaymentReads, StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
+                    a.recent_disputes, a.device_change, a.home_country,
+                    EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = $1 AND k.payee_id = $2),
+                    (SELECT count(*) FROM decisions d WHERE d.customer_id = $1 AND d.created_ms >= $3)
+             FROM accounts a WHERE a.customer_id = $1",
+        )
+        .await
+        .map_err(db_error)?;
+    let row = client
+        .query_opt(
+            &stmt,
+            &[
+                &request.customer.as_str(),
+                &request.payee.as_str(),
+                &request.velocity_since_ms,
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+    let Some(r) = row else {
+        return Ok(PaymentReads::default());
+    };
+    let currency: &str = col(&r, 0)?;
+    let currency = Currency::parse(currency)
+        .map_err(|_| StoreError::Internal(format!("account has bad currency {currency:?}")))?;
+    Ok(PaymentReads {
+        account: Some(Account {
+            customer: request.customer.clone(),
+            balance: Money::from_minor(col(&r, 1)?, currency),
+            reserved_minor: col(&r, 2)?,
+            outflow_day: col(&r, 3)?,
+            outflow_minor: col(&r, 4)?,
+        }),
+        risk: Some(RiskProfile {
+            recent_disputes: u32::try_from(col::<i32>(&r, 5)?).unwrap_or(0),
+            device_change: col(&r, 6)?,
+            home_country: col(&r, 7)?,
+            known_payee: col(&r, 8)?,
+            recent_payments: u32::try_from(col::<i64>(&r, 9)?).unwrap_or(u32::MAX),
+        }),
+    })
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     fn engine(&self) -> &'static str {
@@ -572,6 +622,7 @@ impl Store for PostgresStore {
         scope: &IdempotencyScope,
         fingerprint: &[u8; 32],
         now_ms: i64,
+        reads: Option<&ReadsRequest>,
     ) -> Result<Begin, StoreError> {
         let key = scope.local_key();
         let token = uuid::Uuid::new_v4().simple().to_string();
@@ -594,27 +645,36 @@ impl Store for PostgresStore {
             }
         };
         let stmt = client.prepare_cached(BEGIN).await.map_err(db_error)?;
-        let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &&*scope.caller,
-                    &scope.key.as_str(),
-                    &&fingerprint[..],
-                    &token,
-                    &now_ms,
-                    &(now_ms + self.claim_lease_ms),
-                ],
-            )
-            .await
-            .map_err(db_error)?;
+        let lease_until = now_ms + self.claim_lease_ms;
+        let (caller, key, fingerprint_bytes) =
+            (&*scope.caller, scope.key.as_str(), &fingerprint[..]);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &caller,
+            &key,
+            &fingerprint_bytes,
+            &token,
+            &now_ms,
+            &lease_until,
+        ];
+        let claimed = client.query_one(&stmt, &params);
+        // The tools' read goes in the same round trip (the driver pipelines both
+        // statements on the connection); it is dropped if the key turns out to be taken.
+        let (row, fetched) = match reads {
+            Some(reads) => {
+                let (row, fetched) = futures::join!(claimed, read_payment(&client, reads));
+                (row, Some(fetched))
+            }
+            None => (claimed.await, None),
+        };
+        let row = row.map_err(db_error)?;
         let state: &str = col(&row, 0)?;
         let owner: Option<&str> = col(&row, 1)?;
         if owner == Some(token.as_str()) {
             if col::<bool>(&row, 6)? && state == "in_progress" {
                 tracing::debug!(event = "idempotency.claimed_expired_row");
             }
-            return Ok(Begin::Fresh(claim));
+            let fetched = super::prefetched(fetched);
+            return Ok(Begin::Fresh(claim, fetched));
         }
         // Someone else holds the key: nothing of ours to release.
         self.settle_claim(scope, &token);
@@ -668,52 +728,9 @@ impl Store for PostgresStore {
         })))
     }
 
-    async fn payment_reads(
-        &self,
-        customer: &CustomerId,
-        payee: &PayeeId,
-        velocity_since_ms: i64,
-    ) -> Result<PaymentReads, StoreError> {
+    async fn payment_reads(&self, request: &ReadsRequest) -> Result<PaymentReads, StoreError> {
         let client = self.fast_client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
-                        a.recent_disputes, a.device_change, a.home_country,
-                        EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = $1 AND k.payee_id = $2),
-                        (SELECT count(*) FROM decisions d WHERE d.customer_id = $1 AND d.created_ms >= $3)
-                 FROM accounts a WHERE a.customer_id = $1",
-            )
-            .await
-            .map_err(db_error)?;
-        let row = client
-            .query_opt(
-                &stmt,
-                &[&customer.as_str(), &payee.as_str(), &velocity_since_ms],
-            )
-            .await
-            .map_err(db_error)?;
-        let Some(r) = row else {
-            return Ok(PaymentReads::default());
-        };
-        let currency: &str = col(&r, 0)?;
-        let currency = Currency::parse(currency)
-            .map_err(|_| StoreError::Internal(format!("account has bad currency {currency:?}")))?;
-        Ok(PaymentReads {
-            account: Some(Account {
-                customer: customer.clone(),
-                balance: Money::from_minor(col(&r, 1)?, currency),
-                reserved_minor: col(&r, 2)?,
-                outflow_day: col(&r, 3)?,
-                outflow_minor: col(&r, 4)?,
-            }),
-            risk: Some(RiskProfile {
-                recent_disputes: u32::try_from(col::<i32>(&r, 5)?).unwrap_or(0),
-                device_change: col(&r, 6)?,
-                home_country: col(&r, 7)?,
-                known_payee: col(&r, 8)?,
-                recent_payments: u32::try_from(col::<i64>(&r, 9)?).unwrap_or(u32::MAX),
-            }),
-        })
+        read_payment(&client, request).await
     }
 
     async fn commit_decision(&self, rec: DecisionRecord) -> Result<CommitOutcome, StoreError> {
@@ -723,10 +740,10 @@ impl Store for PostgresStore {
         let (token, _claim) = match self.claim_token(&rec.scope) {
             Some(token) => (token, None),
             None => match self
-                .begin_idempotent(&rec.scope, &rec.fingerprint, rec.now_ms)
+                .begin_idempotent(&rec.scope, &rec.fingerprint, rec.now_ms, None)
                 .await?
             {
-                Begin::Fresh(claim) => match self.claim_token(&rec.scope) {
+                Begin::Fresh(claim, _) => match self.claim_token(&rec.scope) {
                     Some(token) => (token, Some(claim)),
                     None => return Ok(CommitOutcome::Duplicate),
                 },

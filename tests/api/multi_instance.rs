@@ -366,8 +366,8 @@ async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lea
     let fingerprint = payment.fingerprint();
 
     // The first instance claims the key, then stalls (or dies) without releasing it.
-    let Begin::Fresh(stalled) = first
-        .begin_idempotent(&scope, &fingerprint, now_ms())
+    let Begin::Fresh(stalled, _) = first
+        .begin_idempotent(&scope, &fingerprint, now_ms(), None)
         .await
         .unwrap()
     else {
@@ -376,7 +376,7 @@ async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lea
     std::mem::forget(stalled);
     assert!(matches!(
         second
-            .begin_idempotent(&scope, &fingerprint, now_ms())
+            .begin_idempotent(&scope, &fingerprint, now_ms(), None)
             .await
             .unwrap(),
         Begin::InProgress
@@ -384,8 +384,8 @@ async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lea
 
     // After the lease the key is free for the other instance, which decides.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let Begin::Fresh(claim) = second
-        .begin_idempotent(&scope, &fingerprint, now_ms())
+    let Begin::Fresh(claim, _) = second
+        .begin_idempotent(&scope, &fingerprint, now_ms(), None)
         .await
         .unwrap()
     else {
@@ -410,7 +410,11 @@ async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lea
         CommitOutcome::Duplicate
     ));
     let account = first
-        .payment_reads(&payment.customer, &payment.payee, 0)
+        .payment_reads(&paynow::store::ReadsRequest {
+            customer: payment.customer.clone(),
+            payee: payment.payee.clone(),
+            velocity_since_ms: 0,
+        })
         .await
         .unwrap()
         .account
@@ -418,7 +422,7 @@ async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lea
     assert_eq!(account.reserved_minor, 10_000, "reserved once, not twice");
     assert!(matches!(
         first
-            .begin_idempotent(&scope, &fingerprint, now_ms())
+            .begin_idempotent(&scope, &fingerprint, now_ms(), None)
             .await
             .unwrap(),
         Begin::Replay(_)
@@ -439,8 +443,8 @@ async fn a_claim_released_without_commit_frees_its_key_at_once() {
         key: IdempotencyKey::parse("released-1").unwrap(),
     };
     let fingerprint = [7u8; 32];
-    let Begin::Fresh(claim) = first
-        .begin_idempotent(&scope, &fingerprint, now_ms())
+    let Begin::Fresh(claim, _) = first
+        .begin_idempotent(&scope, &fingerprint, now_ms(), None)
         .await
         .unwrap()
     else {
@@ -450,8 +454,8 @@ async fn a_claim_released_without_commit_frees_its_key_at_once() {
     drop(claim);
     let mut freed = false;
     for _ in 0..40 {
-        if let Begin::Fresh(_) = second
-            .begin_idempotent(&scope, &fingerprint, now_ms())
+        if let Begin::Fresh(..) = second
+            .begin_idempotent(&scope, &fingerprint, now_ms(), None)
             .await
             .unwrap()
         {

@@ -1,0 +1,707 @@
+//! The SQLite store's writer: one thread that owns the only writing connection, one that
+//! makes its commits durable, and one that checkpoints the WAL.
+//!
+//! # Group commit, synced off the write lock
+//! The writer takes every job waiting in its queue (up to [`MAX_BATCH`]), runs the reads
+//! first, then the writes one after the other inside one `BEGIN IMMEDIATE` transaction, and
+//! commits once. The connection runs `synchronous=NORMAL`: `COMMIT` appends the batch's pages
+//! to the WAL file and returns without waiting for the disk. The batch then goes to the sync
+//! thread, which `fdatasync`s the WAL and only then answers its writes. Meanwhile the writer
+//! is already running the next batch, so the disk's flush and the SQL of the next decisions
+//! overlap, and one flush covers every batch that committed while the previous one was in
+//! progress.
+//!
+//! This keeps the guarantee of `synchronous=FULL` (an answered decision survives a power
+//! cut), with the sync moved out of the write lock:
+//! * a write is answered only after an `fdatasync` of the WAL that began after its `COMMIT`
+//!   returned, so its frames (and those of every earlier batch) are on disk;
+//! * the WAL's checksums chain its frames, so after a crash recovery stops at the first frame
+//!   that did not reach the disk: a later batch never survives without an earlier one;
+//! * nothing that is not yet durable is shown to a client: committed batches are numbered,
+//!   and a read whose answer leaves the process (a replay, a case listing) first waits for
+//!   the sync of every batch it could have seen ([`Durability::wait`]). Reads that only feed
+//!   the agent need not wait: the decision made from them is a later write, synced after;
+//! * SQLite syncs the WAL before each checkpoint copies it into the database file, and the
+//!   file after, so a checkpoint never moves frames that are not on disk.
+//!
+//! A write that fails (an I/O error, a violated constraint: never a normal outcome) fails its
+//! whole batch: the transaction is rolled back and every write in it is answered 503, so no
+//! part of any of them stays behind. Jobs are written so that their expected outcomes (a
+//! duplicate key, funds gone) are decided before they write anything, which spares each job
+//! a savepoint of its own (SQLite copies every page a savepoint touches into a journal).
+//!
+//! If an `fdatasync` fails the disk may have dropped the pages it could not write: the store
+//! stops taking writes and reports itself unavailable until it is restarted.
+//!
+//! # Reads on the decision path
+//! Read jobs run at the start of a batch, before its writes: they see exactly what earlier
+//! batches committed and are answered at once. The writer's page cache stays valid from one
+//! batch to the next (no other connection writes), so such a read touches memory only.
+//!
+//! # Prepared once
+//! Jobs run their statements through [`Db`], which prepares each one the first time and keeps
+//! it for the life of the connection, found by the address of its SQL text.
+//!
+//! # Checkpoints
+//! A thread of its own copies the WAL back into the database file every
+//! [`CHECKPOINT_EVERY`]. Left to the writer, the commit that crosses SQLite's threshold
+//! would copy and sync a thousand pages while every decision of its batch waits; the writer
+//! keeps only a far larger threshold as a bound on the WAL.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use rusqlite::{Connection, OptionalExtension, Params, Row, Statement};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::unavailable;
+use crate::store::StoreError;
+
+/// Most jobs run in one batch.
+pub const MAX_BATCH: usize = 256;
+/// How often the checkpoint thread copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// The writer's connection, with the statements its jobs run prepared once (see the module
+/// doc). Derefs to the connection for statements run rarely.
+pub struct Db<'c> {
+    conn: &'c Connection,
+    /// Statements by the address of their SQL text; a handful, so a list is the fastest map.
+    prepared: RefCell<Vec<(usize, Statement<'c>)>>,
+}
+
+impl<'c> Db<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Db {
+            conn,
+            prepared: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` on the statement for `sql`, preparing it the first time. The statement is
+    /// taken out of the list while `f` runs, so `f` may use other statements.
+    fn with<T>(
+        &self,
+        sql: &'static str,
+        f: impl FnOnce(&mut Statement<'c>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let key = sql.as_ptr() as usize;
+        let found = {
+            let mut prepared = self.prepared.borrow_mut();
+            let at = prepared.iter().position(|(k, _)| *k == key);
+            at.map(|i| prepared.swap_remove(i).1)
+        };
+        let mut stmt = match found {
+            Some(stmt) => stmt,
+            None => self.conn.prepare(sql)?,
+        };
+        let result = f(&mut stmt);
+        self.prepared.borrow_mut().push((key, stmt));
+        result
+    }
+
+    pub fn execute(&self, sql: &'static str, params: impl Params) -> rusqlite::Result<usize> {
+        self.with(sql, |stmt| stmt.execute(params))
+    }
+
+    /// The first row, if any.
+    pub fn query_opt<T>(
+        &self,
+        sql: &'static str,
+        params: impl Params,
+        row: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<Option<T>> {
+        self.with(sql, |stmt| stmt.query_row(params, row).optional())
+    }
+}
+
+impl std::ops::Deref for Db<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+type ReadJob = Box<dyn for<'a, 'c> FnOnce(&'a Db<'c>, u64) + Send>;
+type WriteJob = Box<dyn for<'a, 'c> FnOnce(Option<&'a Db<'c>>) -> Ran + Send>;
+
+/// What the writer thread is asked to do.
+enum Job {
+    /// Reads what earlier batches committed, and answers by itself as soon as it has run. It
+    /// is given the number of the last batch it could see.
+    Read(ReadJob),
+    /// Writes in the batch's transaction; given no connection, it does not run and only
+    /// hands back how to answer it (when the batch cannot start, or failed before it).
+    Write(WriteJob),
+}
+
+/// A write job after it ran: how to answer it, and whether it failed (which fails the batch).
+struct Ran {
+    finish: Finish,
+    failed: bool,
+}
+
+/// A batch on its way from the writer to the sync thread.
+struct Committed {
+    seq: u64,
+    /// `Err` if the batch was rolled back: nothing to sync, its writes fail.
+    outcome: Result<(), StoreError>,
+    finishers: Vec<Finish>,
+}
+
+/// How far the disk has caught up with the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Synced {
+    /// Every batch numbered up to this one is on disk (or was rolled back).
+    UpTo(u64),
+    /// An `fdatasync` failed: what was written since the last good one may be lost.
+    Failed,
+}
+
+/// Batch numbers: the writer's (begun) and the disk's (synced).
+pub struct Durability {
+    /// The number of the newest batch the writer has begun. It is raised before `BEGIN`, so
+    /// whatever a reader sees was written by a batch numbered at most this.
+    begun: AtomicU64,
+    synced: watch::Sender<Synced>,
+}
+
+impl Durability {
+    fn new() -> Self {
+        Durability {
+            begun: AtomicU64::new(0),
+            synced: watch::Sender::new(Synced::UpTo(0)),
+        }
+    }
+
+    /// The newest batch whose writes a read starting now could see.
+    pub fn newest(&self) -> u64 {
+        self.begun.load(Ordering::Acquire)
+    }
+
+    /// Waits until every batch up to `seen` is on disk. Errs if the disk failed.
+    pub async fn wait(&self, seen: u64) -> Result<(), StoreError> {
+        let mut synced = self.synced.subscribe();
+        let state = synced
+            .wait_for(|s| match s {
+                Synced::UpTo(n) => *n >= seen,
+                Synced::Failed => true,
+            })
+            .await
+            .map(|s| *s)
+            .unwrap_or(Synced::Failed);
+        match state {
+            Synced::UpTo(_) => Ok(()),
+            Synced::Failed => Err(disk_failed()),
+        }
+    }
+
+    fn failed(&self) -> bool {
+        *self.synced.borrow() == Synced::Failed
+    }
+}
+
+fn disk_failed() -> StoreError {
+    unavailable("the disk failed to sync the WAL; restart PayNow once the disk is healthy")
+}
+
+/// What makes a batch durable: `fdatasync` of the WAL ([`WalFile`]); tests put a gate here.
+pub trait SyncWal: Send + 'static {
+    fn sync(&mut self) -> std::io::Result<()>;
+}
+
+/// The WAL file, opened by us as well, to sync it.
+///
+/// `fsync` works on the file, not on the descriptor: syncing our descriptor flushes the
+/// frames SQLite wrote through its own. SQLite keeps the same file while any connection is
+/// open (it deletes it only when the last one closes), which the store guarantees; the
+/// inode is still compared before each sync, and the file reopened if it was ever replaced.
+pub struct WalFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl WalFile {
+    /// Opens the WAL of the database at `db`; the writer's connection must have created it.
+    pub fn open(db: &Path) -> std::io::Result<Self> {
+        let mut path = db.as_os_str().to_owned();
+        path.push("-wal");
+        let path = PathBuf::from(path);
+        let file = File::open(&path)?;
+        Ok(WalFile { path, file })
+    }
+
+    #[cfg(test)]
+    fn inode(&self) -> u64 {
+        self.file.metadata().map(|m| m.ino()).unwrap_or(0)
+    }
+}
+
+impl SyncWal for WalFile {
+    fn sync(&mut self) -> std::io::Result<()> {
+        let ours = self.file.metadata()?;
+        let named = std::fs::metadata(&self.path)?;
+        if (ours.dev(), ours.ino()) != (named.dev(), named.ino()) {
+            tracing::error!(
+                event = "store.wal_replaced",
+                "the WAL file was replaced; syncing the new one"
+            );
+            self.file.sync_data()?;
+            self.file = File::open(&self.path)?;
+        }
+        self.file.sync_data()
+    }
+}
+
+/// The handle the store keeps: a queue to the writer thread, and the threads to stop.
+pub struct Writer {
+    jobs: RwLock<Option<mpsc::Sender<Job>>>,
+    durable: std::sync::Arc<Durability>,
+    /// Dropping the sender stops the checkpoint thread.
+    checkpointer: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Writer {
+    /// Starts the writer on `conn` (which must run `synchronous=NORMAL` in WAL mode), the sync
+    /// thread on `wal`, and the checkpoint thread on `checkpoints`.
+    pub fn start(
+        conn: Connection,
+        wal: impl SyncWal,
+        checkpoints: Connection,
+    ) -> std::io::Result<Self> {
+        let durable = std::sync::Arc::new(Durability::new());
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let checkpointer = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoints, stopped))?;
+        let (to_sync, committed) = std::sync::mpsc::channel();
+        let syncer = {
+            let durable = durable.clone();
+            std::thread::Builder::new()
+                .name("sqlite-sync".into())
+                .spawn(move || sync_loop(wal, committed, &durable))?
+        };
+        let (jobs, queue) = mpsc::channel::<Job>(4 * MAX_BATCH);
+        let writer = {
+            let durable = durable.clone();
+            std::thread::Builder::new()
+                .name("sqlite-writer".into())
+                .spawn(move || writer_loop(conn, queue, to_sync, &durable))?
+        };
+        Ok(Writer {
+            jobs: RwLock::new(Some(jobs)),
+            durable,
+            checkpointer: Mutex::new(Some((stop, checkpointer))),
+            threads: Mutex::new(vec![writer, syncer]),
+        })
+    }
+
+    pub fn durability(&self) -> &Durability {
+        &self.durable
+    }
+
+    async fn send(&self, job: Job) -> Result<(), StoreError> {
+        let jobs = self.jobs.read().clone();
+        let jobs = jobs.ok_or_else(|| unavailable("store is closed"))?;
+        jobs.send(job)
+            .await
+            .map_err(|_| unavailable("store is closed"))
+    }
+
+    /// Runs `f` on the writer's connection before its next batch of writes: it sees every
+    /// committed batch, and is answered without waiting for a commit. Also returns the
+    /// number of the newest batch `f` could see, for [`Durability::wait`].
+    pub async fn read_latest<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<(T, u64), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Read(Box::new(move |conn, seen| {
+            let _ = reply.send(f(conn).map(|v| (v, seen)));
+        })))
+        .await?;
+        answer.await.map_err(|_| unavailable("writer stopped"))?
+    }
+
+    /// Runs `f` in the writer's next transaction; answers once the transaction is committed
+    /// and on disk. If `f` fails, so does the whole batch (see the module doc).
+    pub async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db<'_>) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Write(Box::new(move |db| {
+            let result = match db {
+                Some(db) => f(db).map_err(unavailable),
+                None => Err(unavailable("not run")),
+            };
+            let failed = db.is_some() && result.is_err();
+            Ran {
+                finish: Box::new(move |committed| {
+                    let _ = reply.send(committed.and(result));
+                }),
+                failed,
+            }
+        })))
+        .await?;
+        answer.await.map_err(|_| unavailable("writer stopped"))?
+    }
+
+    /// Stops taking jobs, finishes those queued, syncs and answers them, and stops the
+    /// threads (the checkpoint thread first, so the writer's final checkpoint finds none in
+    /// progress).
+    pub async fn close(&self) {
+        let checkpointer = self.checkpointer.lock().take();
+        if let Some((stop, thread)) = checkpointer {
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        self.jobs.write().take();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for thread in threads {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Checkpoints the WAL until the store closes (see the module doc). PASSIVE never waits for
+/// the writer or readers: it copies what it can, and the writer goes on appending meanwhile.
+fn checkpoint_loop(conn: Connection, stop: Receiver<()>) {
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(event = "store.checkpoint_failed", error = %e);
+        }
+    }
+}
+
+fn writer_loop(
+    conn: Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    to_sync: Sender<Committed>,
+    durable: &Durability,
+) {
+    let db = Db::new(&conn);
+    let mut reads = Vec::with_capacity(MAX_BATCH);
+    let mut writes = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = jobs.blocking_recv() {
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Read(read) => reads.push(read),
+                Job::Write(write) => writes.push(write),
+            }
+            if reads.len() + writes.len() < MAX_BATCH {
+                next = jobs.try_recv().ok();
+            }
+        }
+        // Every batch so far is committed or rolled back: this is what the reads see.
+        let seen = durable.newest();
+        for read in reads.drain(..) {
+            read(&db, seen);
+        }
+        if writes.is_empty() {
+            continue;
+        }
+        let seq = seen + 1;
+        durable.begun.store(seq, Ordering::Release);
+        let outcome = if durable.failed() {
+            Err(disk_failed())
+        } else {
+            db.execute("BEGIN IMMEDIATE", []).map_err(unavailable)
+        };
+        let mut finishers = Vec::with_capacity(writes.len());
+        let mut outcome = outcome.map(drop);
+        for write in writes.drain(..) {
+            // After a failure the rest of the batch does not run: it is rolled back anyway.
+            let ran = write(outcome.is_ok().then_some(&db));
+            if ran.failed {
+                outcome = Err(unavailable("a write of the batch failed"));
+            }
+            finishers.push(ran.finish);
+        }
+        if outcome.is_ok() {
+            outcome = db.execute("COMMIT", []).map(drop).map_err(unavailable);
+        }
+        if outcome.is_err() && !conn.is_autocommit() {
+            // Nothing of a failed batch may stay behind for the next one to commit.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        if let Err(e) = &outcome {
+            tracing::error!(event = "store.commit_failed", error = %e, "SQLite batch rolled back; its writes answered 503");
+        }
+        let committed = Committed {
+            seq,
+            outcome,
+            finishers,
+        };
+        if let Err(unsent) = to_sync.send(committed) {
+            // The sync thread is gone: nothing can be made durable any more.
+            for finish in unsent.0.finishers {
+                finish(Err(unavailable("the sync thread stopped")));
+            }
+        }
+    }
+    drop(db);
+    // Every sender is gone: leave the file tidy for the next start. The checkpoint syncs
+    // the WAL and the database file.
+    let _ = conn.execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);");
+}
+
+fn sync_loop(mut wal: impl SyncWal, committed: Receiver<Committed>, durable: &Durability) {
+    let mut batches = Vec::new();
+    while let Ok(first) = committed.recv() {
+        batches.push(first);
+        while let Ok(batch) = committed.try_recv() {
+            batches.push(batch);
+        }
+        let newest = batches.last().map_or(0, |b| b.seq);
+        let synced = if durable.failed() {
+            Err(disk_failed())
+        } else if batches.iter().all(|b| b.outcome.is_err()) {
+            // Rolled back, all of them: nothing was written that needs the disk.
+            Ok(())
+        } else {
+            wal.sync().map_err(|e| {
+                tracing::error!(event = "store.sync_failed", error = %e,
+                    "fdatasync of the SQLite WAL failed; the store stops taking writes");
+                durable.synced.send_replace(Synced::Failed);
+                disk_failed()
+            })
+        };
+        if synced.is_ok() {
+            durable.synced.send_replace(Synced::UpTo(newest));
+        }
+        for batch in batches.drain(..) {
+            let outcome = match (&synced, batch.outcome) {
+                (Ok(()), outcome) => outcome,
+                (Err(e), _) => Err(e.clone()),
+            };
+            for finish in batch.finishers {
+                finish(outcome.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// A sync the test opens and closes: each `sync` waits for a permit, or fails if told to.
+    #[derive(Clone)]
+    struct Gate {
+        permits: Arc<(std::sync::Mutex<u32>, std::sync::Condvar)>,
+        fail: Arc<AtomicBool>,
+        calls: Arc<AtomicU64>,
+    }
+
+    impl Gate {
+        fn new() -> Self {
+            Gate {
+                permits: Arc::new((std::sync::Mutex::new(0), std::sync::Condvar::new())),
+                fail: Arc::new(AtomicBool::new(false)),
+                calls: Arc::new(AtomicU64::new(0)),
+            }
+        }
+
+        fn open(&self, n: u32) {
+            *self.permits.0.lock().unwrap() += n;
+            self.permits.1.notify_all();
+        }
+    }
+
+    impl SyncWal for Gate {
+        fn sync(&mut self) -> std::io::Result<()> {
+            let (lock, ready) = &*self.permits;
+            let mut permits = lock.lock().unwrap();
+            while *permits == 0 {
+                permits = ready.wait(permits).unwrap();
+            }
+            *permits -= 1;
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            Ok(())
+        }
+    }
+
+    fn writer_on(dir: &Path, sync: impl SyncWal) -> Writer {
+        let path = dir.join("w.db");
+        let conn = super::super::connect(&path, true).unwrap();
+        conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+            .unwrap();
+        let checkpoints = super::super::connect(&path, true).unwrap();
+        Writer::start(conn, sync, checkpoints).unwrap()
+    }
+
+    fn insert(k: i64) -> impl FnOnce(&Db<'_>) -> rusqlite::Result<usize> + Send + 'static {
+        move |db| db.execute("INSERT INTO t (k, v) VALUES (?1, 'x')", [k])
+    }
+
+    async fn count(writer: &Writer) -> i64 {
+        let (n, _) = writer
+            .read_latest(|db| {
+                db.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                    .map_err(unavailable)
+            })
+            .await
+            .unwrap();
+        n
+    }
+
+    #[tokio::test]
+    async fn a_write_is_answered_only_after_the_wal_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Gate::new();
+        let writer = Arc::new(writer_on(dir.path(), gate.clone()));
+        let pending = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.write(insert(1)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!pending.is_finished(), "answered before its sync");
+        // Committed and visible to reads already; durable only once the sync is through.
+        assert_eq!(count(&writer).await, 1);
+        let seen = writer.durability().newest();
+        let durable =
+            tokio::time::timeout(Duration::from_millis(100), writer.durability().wait(seen));
+        assert!(
+            durable.await.is_err(),
+            "a read waiting for durability went through unsynced"
+        );
+        gate.open(1);
+        assert_eq!(pending.await.unwrap().unwrap(), 1);
+        writer.durability().wait(seen).await.unwrap();
+        gate.open(100);
+        writer.close().await;
+    }
+
+    #[tokio::test]
+    async fn one_sync_covers_every_batch_committed_while_the_last_one_ran() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Gate::new();
+        let writer = Arc::new(writer_on(dir.path(), gate.clone()));
+        let first = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.write(insert(1)).await }
+        });
+        // The first batch's sync is held; the next writes commit in batches meanwhile.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let rest: Vec<_> = (2..=20)
+            .map(|k| {
+                let writer = writer.clone();
+                tokio::spawn(async move { writer.write(insert(k)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(count(&writer).await, 20);
+        gate.open(2);
+        first.await.unwrap().unwrap();
+        for w in rest {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            gate.calls.load(Ordering::SeqCst),
+            2,
+            "one sync for the batches that waited"
+        );
+        gate.open(100);
+        writer.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_fails_its_writes_and_stops_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Gate::new();
+        gate.fail.store(true, Ordering::SeqCst);
+        gate.open(100);
+        let writer = writer_on(dir.path(), gate.clone());
+        assert!(writer.write(insert(1)).await.is_err());
+        // Nothing more is taken: the disk may have lost what it was given.
+        assert!(writer.write(insert(2)).await.is_err());
+        let seen = writer.durability().newest();
+        assert!(writer.durability().wait(seen).await.is_err());
+        writer.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_rolls_back_its_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Gate::new();
+        gate.open(100);
+        let writer = Arc::new(writer_on(dir.path(), gate));
+        // Hold the writer in a batch of its own until the others are queued together.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let holding = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .write(move |db| {
+                        let _ = held.recv();
+                        db.execute("INSERT INTO t (k, v) VALUES (0, 'x')", [])
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let good = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.write(insert(1)).await }
+        });
+        let bad = tokio::spawn({
+            let writer = writer.clone();
+            // NOT NULL violated: an error no decision ever expects.
+            async move {
+                writer
+                    .write(|db| db.execute("INSERT INTO t (k, v) VALUES (2, NULL)", []))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        release.send(()).unwrap();
+        holding.await.unwrap().unwrap();
+        assert!(good.await.unwrap().is_err(), "its batch failed");
+        assert!(bad.await.unwrap().is_err());
+        assert_eq!(
+            count(&writer).await,
+            1,
+            "only the held batch's row is there"
+        );
+        // The writer goes on with the next batch.
+        writer.write(insert(3)).await.unwrap();
+        writer.close().await;
+    }
+
+    #[test]
+    fn the_wal_we_sync_is_the_file_sqlite_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let conn = super::super::connect(&path, true).unwrap();
+        conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+            .unwrap();
+        let mut wal = WalFile::open(&path).unwrap();
+        let named = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(wal.inode(), named(&wal.path));
+        conn.execute_batch(
+            "INSERT INTO t VALUES (1); PRAGMA wal_checkpoint(TRUNCATE); INSERT INTO t VALUES (2);",
+        )
+        .unwrap();
+        // Checkpoints and restarts rewrite the file in place; it stays the one we hold.
+        assert_eq!(wal.inode(), named(&wal.path));
+        wal.sync().unwrap();
+    }
+}
