@@ -116,6 +116,21 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 impl SqliteStore {
     /// Opens (creating if needed) the database file, applies migrations and starts the writer.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_syncing(path, |path| {
+            writer::WalFile::open(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the WAL of SQLite database {}: {e}",
+                    path.display()
+                )
+            })
+        })
+    }
+
+    /// [`SqliteStore::open`], with the WAL made durable by what `sync` gives (tests hold it).
+    fn open_syncing<S: writer::SyncWal>(
+        path: &Path,
+        sync: impl FnOnce(&Path) -> anyhow::Result<S>,
+    ) -> anyhow::Result<Self> {
         if path.as_os_str().is_empty() || path == Path::new(":memory:") {
             anyhow::bail!("DATABASE_URL must name a SQLite file, e.g. sqlite://paynow.db");
         }
@@ -132,12 +147,7 @@ impl SqliteStore {
         })?;
         let checkpoints = connect(path, true)
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
-        let wal = writer::WalFile::open(path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the WAL of SQLite database {}: {e}",
-                path.display()
-            )
-        })?;
+        let wal = sync(path)?;
         Ok(SqliteStore {
             path: path.to_owned(),
             writer: writer::Writer::start(conn, wal, checkpoints)?,
@@ -517,7 +527,7 @@ impl Store for SqliteStore {
             // Small slices keep each transaction short, so decisions are not held up.
             let n = self
                 .writer
-                .write(move |conn| {
+                .write_isolated(move |conn| {
                     conn.prepare_cached(
                         "DELETE FROM idempotency WHERE rowid IN
                          (SELECT rowid FROM idempotency WHERE expires_ms <= ?1 LIMIT 5000)",
@@ -566,21 +576,19 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))?;
         // The writer answers too: it makes every decision, and serves their reads.
-        let (_, seen) = self
-            .writer
+        self.writer
             .read_latest(|db| {
                 db.query_row("SELECT 1", [], |_| Ok(()))
                     .map_err(unavailable)
             })
-            .await
-            .map_err(|e| match e {
-                StoreError::Unavailable(cause) if cause == "writer stopped" => {
-                    unavailable("the writer has stopped")
-                }
-                other => other,
-            })?;
-        // A disk that failed to sync makes the store unavailable until restarted.
-        self.writer.durability().wait(seen).await
+            .await?;
+        // A store that stopped (see `writer`) is not ready until it is restarted.
+        if self.writer.durability().failed() {
+            return Err(unavailable(
+                "the store stopped after a disk or database failure",
+            ));
+        }
+        Ok(())
     }
 
     async fn close(&self) {
@@ -612,7 +620,7 @@ impl Store for SqliteStore {
     }
 
     async fn resolve_case(&self, r: CaseResolution) -> Result<Resolved, StoreError> {
-        self.writer.write(move |conn| {
+        self.writer.write_isolated(move |conn| {
             let Some(case) = read_case(conn, &r.case_id)? else {
                 return Ok(Resolved::NotFound);
             };
@@ -691,7 +699,7 @@ impl Store for SqliteStore {
     ) -> Result<Settled, StoreError> {
         let id = id.to_owned();
         self.writer
-            .write(move |conn| {
+            .write_isolated(move |conn| {
                 let Some(held) = read_reservation(conn, &id)? else {
                     return Ok(Settled::NotFound);
                 };
@@ -716,7 +724,7 @@ impl Store for SqliteStore {
         created_before_ms: i64,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
-        self.writer.write(move |conn| {
+        self.writer.write_isolated(move |conn| {
             let ids: Vec<String> = conn
                 .prepare_cached(
                     "SELECT id FROM reservations WHERE status = 'held' AND created_ms < ?1 LIMIT 5000",
@@ -830,7 +838,10 @@ fn settle(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::domain::{CustomerId, PayeeId};
 
     #[test]
     fn the_writer_journals_to_a_wal_it_syncs_itself() {
@@ -849,6 +860,101 @@ mod tests {
         // NORMAL: commits do not sync; the sync thread does before answering (`writer`).
         assert_eq!(sync, 1, "synchronous=NORMAL");
         assert!(busy >= 1000);
+    }
+
+    /// A review of a payment by the demo customer c_123 (two recent disputes), ready to commit.
+    fn record(key: &str, amount: &str) -> (IdempotencyScope, [u8; 32], DecisionRecord) {
+        use crate::domain::{IdempotencyKey, Payment};
+        let payment = Payment {
+            customer: CustomerId::parse("c_123").unwrap(),
+            payee: PayeeId::parse("p_789").unwrap(),
+            amount: Money::parse(amount, Currency::USD).unwrap(),
+            device_id: None,
+            ip_country: None,
+        };
+        let scope = IdempotencyScope {
+            caller: "test".into(),
+            key: IdempotencyKey::parse(key).unwrap(),
+        };
+        let fingerprint = payment.fingerprint();
+        let outcome = crate::agent::Outcome {
+            decision: Decision::Review,
+            reasons: vec![crate::domain::Reason::RecentDisputes],
+            trace: vec![crate::domain::TraceStep::new("plan", "test")],
+            failed_tools: vec![],
+        };
+        let now = super::super::now_ms();
+        let rec = DecisionRecord {
+            scope: scope.clone(),
+            fingerprint,
+            request_id: RequestId::generate(),
+            payment,
+            outcome,
+            reservation_id: crate::domain::new_id("res"),
+            case_id: crate::domain::new_id("case"),
+            now_ms: now,
+            idempotency_expires_ms: now + 60_000,
+            daily_limit_minor: 1_000_000,
+        };
+        (scope, fingerprint, rec)
+    }
+
+    async fn within<T>(task: tokio::task::JoinHandle<T>) -> Result<T, tokio::task::JoinError> {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("an answer within 10 s")
+    }
+
+    #[tokio::test]
+    async fn replays_and_case_listings_wait_until_what_they_show_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = writer::tests::Gate::new();
+        let store = Arc::new(
+            SqliteStore::open_syncing(&dir.path().join("p.db"), {
+                let gate = gate.clone();
+                move |_| Ok(gate)
+            })
+            .unwrap(),
+        );
+        // Seeding is a write: let its sync through.
+        gate.open(1);
+        let fixtures = crate::fixtures::load(None).unwrap();
+        store.seed_if_empty(&fixtures).await.unwrap();
+
+        let (scope, fingerprint, rec) = record("k-1", "125.50");
+        let committing = tokio::spawn({
+            let store = store.clone();
+            async move { store.commit_decision(rec).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!committing.is_finished(), "answered before its sync");
+        let now = super::super::now_ms();
+        let replay = tokio::spawn({
+            let (store, scope) = (store.clone(), scope.clone());
+            async move { store.find_response(&scope, &fingerprint, now).await }
+        });
+        let listing = tokio::spawn({
+            let store = store.clone();
+            async move { store.list_cases(None, 10).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !replay.is_finished(),
+            "a replay of an answer not yet on disk"
+        );
+        assert!(!listing.is_finished(), "a case listed before it is on disk");
+        gate.open(1);
+        assert!(matches!(
+            within(committing).await.unwrap().unwrap(),
+            CommitOutcome::Committed(_)
+        ));
+        assert!(matches!(
+            within(replay).await.unwrap().unwrap(),
+            Some(Lookup::Replay(_))
+        ));
+        assert_eq!(within(listing).await.unwrap().unwrap().len(), 1);
+        gate.open(100);
+        store.close().await;
     }
 
     #[test]

@@ -17,30 +17,44 @@
 //!   returned, so its frames (and those of every earlier batch) are on disk;
 //! * the WAL's checksums chain its frames, so after a crash recovery stops at the first frame
 //!   that did not reach the disk: a later batch never survives without an earlier one;
-//! * nothing that is not yet durable is shown to a client: committed batches are numbered,
-//!   and a read whose answer leaves the process (a replay, a case listing) first waits for
-//!   the sync of every batch it could have seen ([`Durability::wait`]). Reads that only feed
-//!   the agent need not wait: the decision made from them is a later write, synced after;
-//! * SQLite syncs the WAL before each checkpoint copies it into the database file, and the
-//!   file after, so a checkpoint never moves frames that are not on disk.
+//! * nothing that is not yet durable is shown to a client: batches are numbered, and a read
+//!   whose answer leaves the process (a replay, a case listing) first waits for the sync of
+//!   every batch it could have seen ([`Durability::wait`]). Reads that only feed the agent
+//!   need not wait: the decision made from them is a later write, synced after;
+//! * SQLite syncs the WAL before each checkpoint copies frames into the database file, and
+//!   syncs the file before the WAL is started over, so a checkpoint never moves frames that
+//!   are not on disk, nor drops frames whose copy is not;
+//! * frames left by a process that was killed are synced once when the store opens, before
+//!   any of them is read.
 //!
-//! A write that fails (an I/O error, a violated constraint: never a normal outcome) fails its
-//! whole batch: the transaction is rolled back and every write in it is answered 503, so no
-//! part of any of them stays behind. Jobs are written so that their expected outcomes (a
-//! duplicate key, funds gone) are decided before they write anything, which spares each job
-//! a savepoint of its own (SQLite copies every page a savepoint touches into a journal).
+//! Like `synchronous=FULL` itself, this relies on SQLite's default powersafe-overwrite
+//! assumption about the disk.
 //!
-//! If an `fdatasync` fails the disk may have dropped the pages it could not write: the store
-//! stops taking writes and reports itself unavailable until it is restarted.
+//! # Failures
+//! A decision's write is arranged so that its expected outcomes (a key already answered,
+//! funds gone) never fail a statement; what still fails is an I/O error or a violated
+//! constraint, never a normal outcome. Such a failure fails its whole batch: the transaction
+//! is rolled back and every write in it is answered 503, so no part of any of them stays
+//! behind. That spares each decision a savepoint of its own (SQLite copies every page a
+//! savepoint touches into a journal). Other writes (a reviewer's resolution, a settlement,
+//! the background sweeps) are rare and may meet bad data; each runs in a savepoint, so it
+//! fails alone ([`Writer::write_isolated`]).
+//!
+//! A job that panics is treated as a failed one. The store stops taking writes, and says so
+//! (`/readyz`), until it is restarted, if:
+//! * an `fdatasync` fails (the disk may have dropped the pages it could not write);
+//! * the WAL file is no longer the one SQLite writes;
+//! * a rollback fails (the connection would carry half a batch into the next);
+//! * a checkpoint fails, or a thread of the store stops.
 //!
 //! # Reads on the decision path
 //! Read jobs run at the start of a batch, before its writes: they see exactly what earlier
 //! batches committed and are answered at once. The writer's page cache stays valid from one
-//! batch to the next (no other connection writes), so such a read touches memory only.
+//! batch to the next (no other connection writes), so such a read rarely touches the file.
 //!
 //! # Prepared once
 //! Jobs run their statements through [`Db`], which prepares each one the first time and keeps
-//! it for the life of the connection, found by the address of its SQL text.
+//! it for the life of the connection, found by its SQL text's address and length.
 //!
 //! # Checkpoints
 //! A thread of its own copies the WAL back into the database file every
@@ -51,7 +65,9 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
@@ -75,8 +91,9 @@ type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// doc). Derefs to the connection for statements run rarely.
 pub struct Db<'c> {
     conn: &'c Connection,
-    /// Statements by the address of their SQL text; a handful, so a list is the fastest map.
-    prepared: RefCell<Vec<(usize, Statement<'c>)>>,
+    /// Statements by their SQL text's (address, length); a handful, so a list is the fastest
+    /// map.
+    prepared: RefCell<Vec<((usize, usize), Statement<'c>)>>,
 }
 
 impl<'c> Db<'c> {
@@ -94,7 +111,7 @@ impl<'c> Db<'c> {
         sql: &'static str,
         f: impl FnOnce(&mut Statement<'c>) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
-        let key = sql.as_ptr() as usize;
+        let key = (sql.as_ptr() as usize, sql.len());
         let found = {
             let mut prepared = self.prepared.borrow_mut();
             let at = prepared.iter().position(|(k, _)| *k == key);
@@ -151,7 +168,7 @@ struct Ran {
 }
 
 /// A batch on its way from the writer to the sync thread.
-struct Committed {
+struct Batch {
     seq: u64,
     /// `Err` if the batch was rolled back: nothing to sync, its writes fail.
     outcome: Result<(), StoreError>,
@@ -163,7 +180,8 @@ struct Committed {
 enum Synced {
     /// Every batch numbered up to this one is on disk (or was rolled back).
     UpTo(u64),
-    /// An `fdatasync` failed: what was written since the last good one may be lost.
+    /// The store stopped (see the module doc): what was written since the last good sync
+    /// may be lost, and nothing more is taken.
     Failed,
 }
 
@@ -188,7 +206,7 @@ impl Durability {
         self.begun.load(Ordering::Acquire)
     }
 
-    /// Waits until every batch up to `seen` is on disk. Errs if the disk failed.
+    /// Waits until every batch up to `seen` is on disk. Errs if the store stopped.
     pub async fn wait(&self, seen: u64) -> Result<(), StoreError> {
         let mut synced = self.synced.subscribe();
         let state = synced
@@ -201,17 +219,42 @@ impl Durability {
             .unwrap_or(Synced::Failed);
         match state {
             Synced::UpTo(_) => Ok(()),
-            Synced::Failed => Err(disk_failed()),
+            Synced::Failed => Err(stopped()),
         }
     }
 
-    fn failed(&self) -> bool {
+    pub fn failed(&self) -> bool {
         *self.synced.borrow() == Synced::Failed
+    }
+
+    /// Stops the store: logged once, with why.
+    fn fail(&self, why: &str) {
+        if !self.failed() {
+            tracing::error!(
+                event = "store.stopped",
+                why,
+                "the SQLite store stops taking writes until PayNow is restarted"
+            );
+        }
+        self.synced.send_replace(Synced::Failed);
     }
 }
 
-fn disk_failed() -> StoreError {
-    unavailable("the disk failed to sync the WAL; restart PayNow once the disk is healthy")
+/// Stops the store if the thread holding it ends by a panic.
+struct FailOnPanic<'a>(&'a Durability, &'static str);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail(self.1);
+        }
+    }
+}
+
+fn stopped() -> StoreError {
+    unavailable(
+        "the store stopped after a disk or database failure; restart PayNow once it is healthy",
+    )
 }
 
 /// What makes a batch durable: `fdatasync` of the WAL ([`WalFile`]); tests put a gate here.
@@ -223,8 +266,10 @@ pub trait SyncWal: Send + 'static {
 ///
 /// `fsync` works on the file, not on the descriptor: syncing our descriptor flushes the
 /// frames SQLite wrote through its own. SQLite keeps the same file while any connection is
-/// open (it deletes it only when the last one closes), which the store guarantees; the
-/// inode is still compared before each sync, and the file reopened if it was ever replaced.
+/// open (it deletes it only when the last one closes, and the writer outlives the sync
+/// thread). Should the name ever point at another file, SQLite would go on writing the one
+/// its descriptor holds, which may no longer be ours: the sync then fails, and so does the
+/// store.
 pub struct WalFile {
     path: PathBuf,
     file: File,
@@ -248,61 +293,66 @@ impl WalFile {
 
 impl SyncWal for WalFile {
     fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
         let ours = self.file.metadata()?;
         let named = std::fs::metadata(&self.path)?;
         if (ours.dev(), ours.ino()) != (named.dev(), named.ino()) {
-            tracing::error!(
-                event = "store.wal_replaced",
-                "the WAL file was replaced; syncing the new one"
-            );
-            self.file.sync_data()?;
-            self.file = File::open(&self.path)?;
+            return Err(std::io::Error::other(format!(
+                "{} is no longer the WAL file opened at start",
+                self.path.display()
+            )));
         }
-        self.file.sync_data()
+        Ok(())
     }
 }
 
 /// The handle the store keeps: a queue to the writer thread, and the threads to stop.
 pub struct Writer {
     jobs: RwLock<Option<mpsc::Sender<Job>>>,
-    durable: std::sync::Arc<Durability>,
+    durable: Arc<Durability>,
     /// Dropping the sender stops the checkpoint thread.
     checkpointer: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The writer thread; it stops the sync thread itself, before it closes its connection.
+    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Writer {
     /// Starts the writer on `conn` (which must run `synchronous=NORMAL` in WAL mode), the sync
-    /// thread on `wal`, and the checkpoint thread on `checkpoints`.
+    /// thread on `wal`, and the checkpoint thread on `checkpoints`. The WAL is synced first:
+    /// frames a killed process committed may not have reached the disk yet.
     pub fn start(
         conn: Connection,
-        wal: impl SyncWal,
+        mut wal: impl SyncWal,
         checkpoints: Connection,
     ) -> std::io::Result<Self> {
-        let durable = std::sync::Arc::new(Durability::new());
-        let (stop, stopped) = std::sync::mpsc::channel();
-        let checkpointer = std::thread::Builder::new()
-            .name("sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpoints, stopped))?;
-        let (to_sync, committed) = std::sync::mpsc::channel();
+        wal.sync()?;
+        let durable = Arc::new(Durability::new());
+        let (stop, stop_checkpoints) = std::sync::mpsc::channel();
+        let checkpointer = {
+            let durable = durable.clone();
+            std::thread::Builder::new()
+                .name("sqlite-checkpoint".into())
+                .spawn(move || checkpoint_loop(checkpoints, stop_checkpoints, &durable))?
+        };
+        let (to_sync, batches) = std::sync::mpsc::channel();
         let syncer = {
             let durable = durable.clone();
             std::thread::Builder::new()
                 .name("sqlite-sync".into())
-                .spawn(move || sync_loop(wal, committed, &durable))?
+                .spawn(move || sync_loop(wal, batches, &durable))?
         };
         let (jobs, queue) = mpsc::channel::<Job>(4 * MAX_BATCH);
         let writer = {
             let durable = durable.clone();
             std::thread::Builder::new()
                 .name("sqlite-writer".into())
-                .spawn(move || writer_loop(conn, queue, to_sync, &durable))?
+                .spawn(move || writer_loop(conn, queue, (to_sync, syncer), &durable))?
         };
         Ok(Writer {
             jobs: RwLock::new(Some(jobs)),
             durable,
             checkpointer: Mutex::new(Some((stop, checkpointer))),
-            threads: Mutex::new(vec![writer, syncer]),
+            writer: Mutex::new(Some(writer)),
         })
     }
 
@@ -318,6 +368,15 @@ impl Writer {
             .map_err(|_| unavailable("store is closed"))
     }
 
+    /// Why an answer never came: the store stopped, or the job failed without one (a panic).
+    fn lost(&self) -> StoreError {
+        if self.durable.failed() {
+            stopped()
+        } else {
+            unavailable("the job failed in the writer")
+        }
+    }
+
     /// Runs `f` on the writer's connection before its next batch of writes: it sees every
     /// committed batch, and is answered without waiting for a commit. Also returns the
     /// number of the newest batch `f` could see, for [`Durability::wait`].
@@ -326,11 +385,11 @@ impl Writer {
         f: impl FnOnce(&Db<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<(T, u64), StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Job::Read(Box::new(move |conn, seen| {
-            let _ = reply.send(f(conn).map(|v| (v, seen)));
+        self.send(Job::Read(Box::new(move |db, seen| {
+            let _ = reply.send(f(db).map(|v| (v, seen)));
         })))
         .await?;
-        answer.await.map_err(|_| unavailable("writer stopped"))?
+        answer.await.map_err(|_| self.lost())?
     }
 
     /// Runs `f` in the writer's next transaction; answers once the transaction is committed
@@ -354,7 +413,30 @@ impl Writer {
             }
         })))
         .await?;
-        answer.await.map_err(|_| unavailable("writer stopped"))?
+        answer.await.map_err(|_| self.lost())?
+    }
+
+    /// [`Writer::write`] in a savepoint of its own: if `f` fails, only its own writes are
+    /// rolled back, and the rest of the batch commits.
+    pub async fn write_isolated<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Db<'_>) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Write(Box::new(move |db| {
+            let (result, failed) = match db {
+                Some(db) => in_savepoint(db, f),
+                None => (Err(unavailable("not run")), false),
+            };
+            Ran {
+                finish: Box::new(move |committed| {
+                    let _ = reply.send(committed.and(result));
+                }),
+                failed,
+            }
+        })))
+        .await?;
+        answer.await.map_err(|_| self.lost())?
     }
 
     /// Stops taking jobs, finishes those queued, syncs and answers them, and stops the
@@ -367,19 +449,51 @@ impl Writer {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         self.jobs.write().take();
-        let threads = std::mem::take(&mut *self.threads.lock());
-        for thread in threads {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        let writer = self.writer.lock().take();
+        if let Some(writer) = writer {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+}
+
+/// Runs `f` between `SAVEPOINT` and `RELEASE`, or rolls back to the savepoint if it fails.
+/// The job's result, and whether the batch must fail (the savepoint could not be closed, so
+/// part of the job may still be in the transaction).
+fn in_savepoint<T>(
+    db: &Db<'_>,
+    f: impl FnOnce(&Db<'_>) -> rusqlite::Result<T>,
+) -> (Result<T, StoreError>, bool) {
+    if let Err(e) = db.execute("SAVEPOINT isolated", []) {
+        return (Err(unavailable(e)), true);
+    }
+    match f(db) {
+        Ok(v) => match db.execute("RELEASE isolated", []) {
+            Ok(_) => (Ok(v), false),
+            Err(e) => (Err(unavailable(e)), true),
+        },
+        Err(e) => {
+            let closed = db
+                .execute("ROLLBACK TO isolated", [])
+                .and_then(|_| db.execute("RELEASE isolated", []));
+            (Err(unavailable(e)), closed.is_err())
         }
     }
 }
 
 /// Checkpoints the WAL until the store closes (see the module doc). PASSIVE never waits for
 /// the writer or readers: it copies what it can, and the writer goes on appending meanwhile.
-fn checkpoint_loop(conn: Connection, stop: Receiver<()>) {
+fn checkpoint_loop(conn: Connection, stop: Receiver<()>, durable: &Durability) {
+    let _guard = FailOnPanic(durable, "the checkpoint thread panicked");
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if durable.failed() {
+            return;
+        }
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(event = "store.checkpoint_failed", error = %e);
+            // Its syncs are syncs of our files too: one that failed may have taken the
+            // error ours would have seen.
+            tracing::error!(event = "store.checkpoint_failed", error = %e);
+            durable.fail("a checkpoint failed");
+            return;
         }
     }
 }
@@ -387,9 +501,10 @@ fn checkpoint_loop(conn: Connection, stop: Receiver<()>) {
 fn writer_loop(
     conn: Connection,
     mut jobs: mpsc::Receiver<Job>,
-    to_sync: Sender<Committed>,
+    (to_sync, syncer): (Sender<Batch>, JoinHandle<()>),
     durable: &Durability,
 ) {
+    let guard = FailOnPanic(durable, "the writer thread panicked");
     let db = Db::new(&conn);
     let mut reads = Vec::with_capacity(MAX_BATCH);
     let mut writes = Vec::with_capacity(MAX_BATCH);
@@ -407,81 +522,98 @@ fn writer_loop(
         // Every batch so far is committed or rolled back: this is what the reads see.
         let seen = durable.newest();
         for read in reads.drain(..) {
-            read(&db, seen);
+            // A read that panics loses only its own answer.
+            let _ = catch_unwind(AssertUnwindSafe(|| read(&db, seen)));
         }
         if writes.is_empty() {
             continue;
         }
         let seq = seen + 1;
         durable.begun.store(seq, Ordering::Release);
-        let outcome = if durable.failed() {
-            Err(disk_failed())
+        let mut outcome = if durable.failed() {
+            Err(stopped())
         } else {
-            db.execute("BEGIN IMMEDIATE", []).map_err(unavailable)
+            db.execute("BEGIN IMMEDIATE", [])
+                .map(drop)
+                .map_err(unavailable)
         };
         let mut finishers = Vec::with_capacity(writes.len());
-        let mut outcome = outcome.map(drop);
         for write in writes.drain(..) {
             // After a failure the rest of the batch does not run: it is rolled back anyway.
-            let ran = write(outcome.is_ok().then_some(&db));
-            if ran.failed {
-                outcome = Err(unavailable("a write of the batch failed"));
+            let db = outcome.is_ok().then_some(&db);
+            match catch_unwind(AssertUnwindSafe(move || write(db))) {
+                Ok(ran) => {
+                    if ran.failed {
+                        outcome = Err(unavailable("a write of the batch failed"));
+                    }
+                    finishers.push(ran.finish);
+                }
+                // Its answer is lost with it; its caller learns it failed.
+                Err(_) => outcome = Err(unavailable("a write of the batch panicked")),
             }
-            finishers.push(ran.finish);
         }
         if outcome.is_ok() {
             outcome = db.execute("COMMIT", []).map(drop).map_err(unavailable);
         }
         if outcome.is_err() && !conn.is_autocommit() {
             // Nothing of a failed batch may stay behind for the next one to commit.
-            let _ = conn.execute_batch("ROLLBACK");
+            if conn.execute_batch("ROLLBACK").is_err() || !conn.is_autocommit() {
+                durable.fail("a failed batch could not be rolled back");
+            }
         }
         if let Err(e) = &outcome {
             tracing::error!(event = "store.commit_failed", error = %e, "SQLite batch rolled back; its writes answered 503");
         }
-        let committed = Committed {
+        let batch = Batch {
             seq,
             outcome,
             finishers,
         };
-        if let Err(unsent) = to_sync.send(committed) {
+        if let Err(unsent) = to_sync.send(batch) {
             // The sync thread is gone: nothing can be made durable any more.
+            durable.fail("the sync thread stopped");
             for finish in unsent.0.finishers {
-                finish(Err(unavailable("the sync thread stopped")));
+                finish(Err(stopped()));
             }
         }
     }
+    // Every sender is gone. The sync thread answers what it holds, and stops, while this
+    // connection still keeps the WAL file in place.
+    drop(to_sync);
+    if syncer.join().is_err() {
+        durable.fail("the sync thread panicked");
+    }
+    drop(guard);
     drop(db);
-    // Every sender is gone: leave the file tidy for the next start. The checkpoint syncs
-    // the WAL and the database file.
+    // Leave the file tidy for the next start; the checkpoint syncs the WAL and the database.
     let _ = conn.execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);");
 }
 
-fn sync_loop(mut wal: impl SyncWal, committed: Receiver<Committed>, durable: &Durability) {
-    let mut batches = Vec::new();
-    while let Ok(first) = committed.recv() {
-        batches.push(first);
-        while let Ok(batch) = committed.try_recv() {
-            batches.push(batch);
+fn sync_loop(mut wal: impl SyncWal, batches: Receiver<Batch>, durable: &Durability) {
+    let _guard = FailOnPanic(durable, "the sync thread panicked");
+    let mut waiting = Vec::new();
+    while let Ok(first) = batches.recv() {
+        waiting.push(first);
+        while let Ok(batch) = batches.try_recv() {
+            waiting.push(batch);
         }
-        let newest = batches.last().map_or(0, |b| b.seq);
+        let newest = waiting.last().map_or(0, |b| b.seq);
         let synced = if durable.failed() {
-            Err(disk_failed())
-        } else if batches.iter().all(|b| b.outcome.is_err()) {
+            Err(stopped())
+        } else if waiting.iter().all(|b| b.outcome.is_err()) {
             // Rolled back, all of them: nothing was written that needs the disk.
             Ok(())
         } else {
             wal.sync().map_err(|e| {
-                tracing::error!(event = "store.sync_failed", error = %e,
-                    "fdatasync of the SQLite WAL failed; the store stops taking writes");
-                durable.synced.send_replace(Synced::Failed);
-                disk_failed()
+                tracing::error!(event = "store.sync_failed", error = %e);
+                durable.fail("fdatasync of the WAL failed");
+                stopped()
             })
         };
         if synced.is_ok() {
             durable.synced.send_replace(Synced::UpTo(newest));
         }
-        for batch in batches.drain(..) {
+        for batch in waiting.drain(..) {
             let outcome = match (&synced, batch.outcome) {
                 (Ok(()), outcome) => outcome,
                 (Err(e), _) => Err(e.clone()),
@@ -494,37 +626,57 @@ fn sync_loop(mut wal: impl SyncWal, committed: Receiver<Committed>, durable: &Du
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
+pub(super) mod tests {
     use std::sync::atomic::AtomicBool;
 
     use super::*;
 
     /// A sync the test opens and closes: each `sync` waits for a permit, or fails if told to.
+    /// It also records how many rows of `t` another connection saw when it began, which
+    /// shows what had been committed by then.
     #[derive(Clone)]
-    struct Gate {
+    pub struct Gate {
         permits: Arc<(std::sync::Mutex<u32>, std::sync::Condvar)>,
         fail: Arc<AtomicBool>,
         calls: Arc<AtomicU64>,
+        watch: Option<(PathBuf, Arc<std::sync::Mutex<Vec<i64>>>)>,
     }
 
     impl Gate {
-        fn new() -> Self {
+        /// A gate with one permit, for the sync the writer makes when it starts.
+        pub fn new() -> Self {
             Gate {
-                permits: Arc::new((std::sync::Mutex::new(0), std::sync::Condvar::new())),
+                permits: Arc::new((std::sync::Mutex::new(1), std::sync::Condvar::new())),
                 fail: Arc::new(AtomicBool::new(false)),
                 calls: Arc::new(AtomicU64::new(0)),
+                watch: None,
             }
         }
 
-        fn open(&self, n: u32) {
+        fn watching(mut self, db: &Path) -> Self {
+            self.watch = Some((db.to_owned(), Arc::default()));
+            self
+        }
+
+        pub fn open(&self, n: u32) {
             *self.permits.0.lock().unwrap() += n;
             self.permits.1.notify_all();
+        }
+
+        fn calls(&self) -> u64 {
+            self.calls.load(Ordering::SeqCst)
         }
     }
 
     impl SyncWal for Gate {
         fn sync(&mut self) -> std::io::Result<()> {
+            if let Some((db, seen)) = &self.watch {
+                let other = Connection::open(db).unwrap();
+                let rows = other
+                    .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                    .unwrap_or(-1);
+                seen.lock().unwrap().push(rows);
+            }
             let (lock, ready) = &*self.permits;
             let mut permits = lock.lock().unwrap();
             while *permits == 0 {
@@ -539,17 +691,30 @@ mod tests {
         }
     }
 
-    fn writer_on(dir: &Path, sync: impl SyncWal) -> Writer {
+    fn db_in(dir: &Path) -> PathBuf {
         let path = dir.join("w.db");
         let conn = super::super::connect(&path, true).unwrap();
         conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
             .unwrap();
-        let checkpoints = super::super::connect(&path, true).unwrap();
-        Writer::start(conn, sync, checkpoints).unwrap()
+        path
+    }
+
+    fn writer_on(path: &Path, sync: impl SyncWal) -> Arc<Writer> {
+        let conn = super::super::connect(path, true).unwrap();
+        let checkpoints = super::super::connect(path, true).unwrap();
+        Arc::new(Writer::start(conn, sync, checkpoints).unwrap())
     }
 
     fn insert(k: i64) -> impl FnOnce(&Db<'_>) -> rusqlite::Result<usize> + Send + 'static {
         move |db| db.execute("INSERT INTO t (k, v) VALUES (?1, 'x')", [k])
+    }
+
+    fn spawn_insert(
+        writer: &Arc<Writer>,
+        k: i64,
+    ) -> tokio::task::JoinHandle<Result<usize, StoreError>> {
+        let writer = writer.clone();
+        tokio::spawn(async move { writer.write(insert(k)).await })
     }
 
     async fn count(writer: &Writer) -> i64 {
@@ -563,15 +728,20 @@ mod tests {
         n
     }
 
+    /// Fails the test instead of hanging it when an answer never comes.
+    async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer within 10 s"))
+    }
+
     #[tokio::test]
-    async fn a_write_is_answered_only_after_the_wal_is_synced() {
+    async fn a_write_is_answered_only_after_a_sync_that_began_after_its_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let gate = Gate::new();
-        let writer = Arc::new(writer_on(dir.path(), gate.clone()));
-        let pending = tokio::spawn({
-            let writer = writer.clone();
-            async move { writer.write(insert(1)).await }
-        });
+        let path = db_in(dir.path());
+        let gate = Gate::new().watching(&path);
+        let writer = writer_on(&path, gate.clone());
+        let pending = spawn_insert(&writer, 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!pending.is_finished(), "answered before its sync");
         // Committed and visible to reads already; durable only once the sync is through.
@@ -584,8 +754,13 @@ mod tests {
             "a read waiting for durability went through unsynced"
         );
         gate.open(1);
-        assert_eq!(pending.await.unwrap().unwrap(), 1);
-        writer.durability().wait(seen).await.unwrap();
+        assert_eq!(within("the write", pending).await.unwrap().unwrap(), 1);
+        within("durability", writer.durability().wait(seen))
+            .await
+            .unwrap();
+        let seen_by_syncs = gate.watch.as_ref().unwrap().1.lock().unwrap().clone();
+        // The start's sync saw nothing; the batch's sync began with its row committed.
+        assert_eq!(seen_by_syncs, vec![0, 1]);
         gate.open(100);
         writer.close().await;
     }
@@ -594,31 +769,20 @@ mod tests {
     async fn one_sync_covers_every_batch_committed_while_the_last_one_ran() {
         let dir = tempfile::tempdir().unwrap();
         let gate = Gate::new();
-        let writer = Arc::new(writer_on(dir.path(), gate.clone()));
-        let first = tokio::spawn({
-            let writer = writer.clone();
-            async move { writer.write(insert(1)).await }
-        });
+        let writer = writer_on(&db_in(dir.path()), gate.clone());
+        let first = spawn_insert(&writer, 1);
         // The first batch's sync is held; the next writes commit in batches meanwhile.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let rest: Vec<_> = (2..=20)
-            .map(|k| {
-                let writer = writer.clone();
-                tokio::spawn(async move { writer.write(insert(k)).await })
-            })
-            .collect();
+        let rest: Vec<_> = (2..=20).map(|k| spawn_insert(&writer, k)).collect();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(count(&writer).await, 20);
         gate.open(2);
-        first.await.unwrap().unwrap();
+        within("the first write", first).await.unwrap().unwrap();
         for w in rest {
-            w.await.unwrap().unwrap();
+            within("a later write", w).await.unwrap().unwrap();
         }
-        assert_eq!(
-            gate.calls.load(Ordering::SeqCst),
-            2,
-            "one sync for the batches that waited"
-        );
+        // The start's, the first batch's, and one for all the batches that waited.
+        assert_eq!(gate.calls(), 3);
         gate.open(100);
         writer.close().await;
     }
@@ -627,15 +791,41 @@ mod tests {
     async fn a_failed_sync_fails_its_writes_and_stops_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let gate = Gate::new();
-        gate.fail.store(true, Ordering::SeqCst);
         gate.open(100);
-        let writer = writer_on(dir.path(), gate.clone());
+        let writer = writer_on(&db_in(dir.path()), gate.clone());
+        gate.fail.store(true, Ordering::SeqCst);
         assert!(writer.write(insert(1)).await.is_err());
-        // Nothing more is taken: the disk may have lost what it was given.
+        let calls = gate.calls();
+        // The disk may have lost what it was given: nothing more is taken, even once the
+        // sync would work again.
+        gate.fail.store(false, Ordering::SeqCst);
         assert!(writer.write(insert(2)).await.is_err());
+        assert_eq!(gate.calls(), calls, "no batch ran after the failure");
         let seen = writer.durability().newest();
         assert!(writer.durability().wait(seen).await.is_err());
+        assert!(writer.durability().failed());
         writer.close().await;
+    }
+
+    /// Holds the writer in a batch of its own until released, so that the jobs queued
+    /// meanwhile run together in the next one.
+    fn hold(
+        writer: &Arc<Writer>,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<usize, StoreError>>,
+    ) {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let writer = writer.clone();
+        let holding = tokio::spawn(async move {
+            writer
+                .write(move |db| {
+                    let _ = held.recv();
+                    db.execute("INSERT INTO t (k, v) VALUES (0, 'x')", [])
+                })
+                .await
+        });
+        (release, holding)
     }
 
     #[tokio::test]
@@ -643,25 +833,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gate = Gate::new();
         gate.open(100);
-        let writer = Arc::new(writer_on(dir.path(), gate));
-        // Hold the writer in a batch of its own until the others are queued together.
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let holding = tokio::spawn({
-            let writer = writer.clone();
-            async move {
-                writer
-                    .write(move |db| {
-                        let _ = held.recv();
-                        db.execute("INSERT INTO t (k, v) VALUES (0, 'x')", [])
-                    })
-                    .await
-            }
-        });
+        let writer = writer_on(&db_in(dir.path()), gate);
+        let (release, holding) = hold(&writer);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let good = tokio::spawn({
-            let writer = writer.clone();
-            async move { writer.write(insert(1)).await }
-        });
+        let good = spawn_insert(&writer, 1);
         let bad = tokio::spawn({
             let writer = writer.clone();
             // NOT NULL violated: an error no decision ever expects.
@@ -673,9 +848,12 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         release.send(()).unwrap();
-        holding.await.unwrap().unwrap();
-        assert!(good.await.unwrap().is_err(), "its batch failed");
-        assert!(bad.await.unwrap().is_err());
+        within("the held write", holding).await.unwrap().unwrap();
+        assert!(
+            within("good", good).await.unwrap().is_err(),
+            "its batch failed"
+        );
+        assert!(within("bad", bad).await.unwrap().is_err());
         assert_eq!(
             count(&writer).await,
             1,
@@ -684,6 +862,111 @@ mod tests {
         // The writer goes on with the next batch.
         writer.write(insert(3)).await.unwrap();
         writer.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_isolated_write_that_fails_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Gate::new();
+        gate.open(100);
+        let writer = writer_on(&db_in(dir.path()), gate);
+        let (release, holding) = hold(&writer);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let good = spawn_insert(&writer, 1);
+        let bad = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .write_isolated(|db| {
+                        db.execute("INSERT INTO t (k, v) VALUES (5, 'x')", [])?;
+                        db.execute("INSERT INTO t (k, v) VALUES (6, NULL)", [])
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        release.send(()).unwrap();
+        within("the held write", holding).await.unwrap().unwrap();
+        within("good", good).await.unwrap().unwrap();
+        assert!(within("bad", bad).await.unwrap().is_err());
+        // Neither of the isolated job's rows, both of the others.
+        assert_eq!(count(&writer).await, 2);
+        writer.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_job_that_panics_fails_its_batch_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Gate::new();
+        gate.open(100);
+        let writer = writer_on(&db_in(dir.path()), gate);
+        let (release, holding) = hold(&writer);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let good = spawn_insert(&writer, 1);
+        let panics = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .write(|db| -> rusqlite::Result<usize> {
+                        db.execute("INSERT INTO t (k, v) VALUES (7, 'x')", [])?;
+                        panic!("a bug in a job")
+                    })
+                    .await
+            }
+        });
+        let read = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .read_latest(|_| -> Result<(), StoreError> { panic!("a bug in a read") })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        release.send(()).unwrap();
+        within("the held write", holding).await.unwrap().unwrap();
+        assert!(within("panicking", panics).await.unwrap().is_err());
+        assert!(
+            within("good", good).await.unwrap().is_err(),
+            "rolled back with the panic"
+        );
+        assert!(within("read", read).await.unwrap().is_err());
+        assert_eq!(count(&writer).await, 1);
+        writer.write(insert(3)).await.unwrap();
+        assert!(!writer.durability().failed());
+        writer.close().await;
+    }
+
+    /// The real WAL file, synced slowly, so writes are still waiting for it at shutdown.
+    struct SlowWal(WalFile);
+
+    impl SyncWal for SlowWal {
+        fn sync(&mut self) -> std::io::Result<()> {
+            std::thread::sleep(Duration::from_millis(50));
+            self.0.sync()
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_still_syncing_at_shutdown_are_answered_once_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_in(dir.path());
+        let conn = super::super::connect(&path, true).unwrap();
+        let checkpoints = super::super::connect(&path, true).unwrap();
+        let wal = SlowWal(WalFile::open(&path).unwrap());
+        let writer = Arc::new(Writer::start(conn, wal, checkpoints).unwrap());
+        let writes: Vec<_> = (1..=40).map(|k| spawn_insert(&writer, k)).collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        within("close", writer.close()).await;
+        for w in writes {
+            within("a write", w).await.unwrap().unwrap();
+        }
+        assert!(!writer.durability().failed());
+        let rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 40);
     }
 
     #[test]
@@ -703,5 +986,9 @@ mod tests {
         // Checkpoints and restarts rewrite the file in place; it stays the one we hold.
         assert_eq!(wal.inode(), named(&wal.path));
         wal.sync().unwrap();
+        // Were the name to point at another file, syncing ours would prove nothing.
+        std::fs::rename(&wal.path, dir.path().join("moved")).unwrap();
+        std::fs::write(&wal.path, b"").unwrap();
+        assert!(wal.sync().is_err());
     }
 }
