@@ -50,8 +50,9 @@ pub use writer::MAX_BATCH;
 /// Read connections kept open.
 const READER_POOL: usize = 8;
 const BUSY_TIMEOUT_MS: u32 = 5_000;
-/// WAL pages after which the writer checkpoints by itself (the checkpoint thread is behind).
-const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+/// WAL pages after which the writer checkpoints by itself: only if the checkpoint thread,
+/// which starts the WAL over at a quarter of this, has fallen behind.
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 32_768;
 /// The writer's page cache, in KiB: the decision path's reads are served from it.
 const WRITER_CACHE_KIB: i64 = 2 * 1024;
 
@@ -148,9 +149,11 @@ impl SqliteStore {
         let checkpoints = connect(path, true)
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
         let wal = sync(path)?;
+        let db = std::fs::File::open(path)
+            .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
         Ok(SqliteStore {
             path: path.to_owned(),
-            writer: writer::Writer::start(conn, wal, checkpoints)?,
+            writer: writer::Writer::start(conn, wal, checkpoints, db)?,
             readers: Mutex::new(Vec::new()),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
         })
