@@ -77,6 +77,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         2,
         include_str!("../../../migrations/postgres/0002_review.sql"),
     ),
+    (
+        3,
+        include_str!("../../../migrations/postgres/0003_hot_accounts.sql"),
+    ),
 ];
 
 /// Serialises migrations and seeding between instances starting at once (any constant will
