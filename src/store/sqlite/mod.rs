@@ -468,13 +468,15 @@ impl Store for SqliteStore {
         let reads = reads.cloned();
         let ((stored, fetched), seen) = self
             .writer
-            .read_latest(move |db| {
+            .read_before_write(move |db| {
                 let stored = stored_response(db, &caller, &key, now_ms)?;
                 let fetched = match (&stored, reads) {
                     (None, Some(reads)) => Some(read_payment(db, &reads)),
                     _ => None,
                 };
-                Ok((stored, fetched))
+                // A fresh claim is followed by its decision's write.
+                let follows = stored.is_none();
+                Ok(((stored, fetched), follows))
             })
             .await?;
         if let Some(stored) = stored {
