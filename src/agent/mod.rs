@@ -99,6 +99,8 @@ pub struct Agent {
     policy: Arc<Policy>,
     balance: BalanceTool,
     risk: RiskTool,
+    /// Both tools answer from the store's reads at once (see [`Tool::answer_now`]).
+    answers_now: bool,
 }
 
 /// A tool's answer after retries, with what it cost.
@@ -207,11 +209,19 @@ fn record<'a, T: Describe>(
 
 impl Agent {
     pub fn new(policy: Arc<Policy>, balance: BalanceTool, risk: RiskTool) -> Self {
+        let reads = PaymentReads::default();
+        let answers_now = balance.answer_now(&reads).is_some() && risk.answer_now(&reads).is_some();
         Agent {
             policy,
             balance,
             risk,
+            answers_now,
         }
+    }
+
+    /// Whether [`Agent::assess_now`] can assess: both tools answer from the store's reads.
+    pub fn answers_now(&self) -> bool {
+        self.answers_now
     }
 
     pub fn policy(&self) -> &Policy {
@@ -237,14 +247,48 @@ impl Agent {
     ) -> Outcome {
         let limits = &self.policy.tools;
         let ctx = ToolContext::new(self.reads_request(payment, now_ms), prefetched);
-        let mut trace = vec![TraceStep::new("plan", PLAN)];
-        let mut failed_tools = Vec::new();
-
         let (balance, risk) = tokio::join!(
             call_with_retries(&*self.balance, limits, payment, &ctx),
             call_with_retries(&*self.risk, limits, payment, &ctx),
         );
+        self.conclude(payment, now_ms, balance, risk)
+    }
 
+    /// [`Agent::assess`] from reads the store made, where they were made: both tools answer
+    /// at once (one attempt each), so nothing is awaited. `None` if a tool has to run.
+    pub fn assess_now(
+        &self,
+        payment: &Payment,
+        now_ms: i64,
+        reads: &PaymentReads,
+    ) -> Option<Outcome> {
+        fn at_once<T: Send>(
+            tool: &dyn Tool<Output = T>,
+            reads: &PaymentReads,
+        ) -> Option<Called<T>> {
+            let started = Instant::now();
+            let answer = tool.answer_now(reads)?;
+            Some(Called {
+                result: Ok(answer),
+                attempts: 1,
+                elapsed_us: started.elapsed().as_micros() as u64,
+            })
+        }
+        let balance = at_once(&*self.balance, reads)?;
+        let risk = at_once(&*self.risk, reads)?;
+        Some(self.conclude(payment, now_ms, balance, risk))
+    }
+
+    /// The trace of the tools' answers, the rules, and the recommendation.
+    fn conclude(
+        &self,
+        payment: &Payment,
+        now_ms: i64,
+        balance: Called<Option<Account>>,
+        risk: Called<Option<RiskProfile>>,
+    ) -> Outcome {
+        let mut trace = vec![TraceStep::new("plan", PLAN)];
+        let mut failed_tools = Vec::new();
         let account = record(self.balance.name(), &balance, &mut trace, &mut failed_tools);
         let signals = record(self.risk.name(), &risk, &mut trace, &mut failed_tools);
 
@@ -278,5 +322,104 @@ impl Agent {
             trace,
             failed_tools,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Currency, CustomerId, Money, PayeeId};
+    use crate::policy::DEFAULT_POLICY;
+    use crate::store::DynStore;
+    use tools::{Fault, StoreBalance, StoreRiskSignals, WithFault};
+
+    fn store(dir: &std::path::Path) -> DynStore {
+        Arc::new(crate::store::sqlite::SqliteStore::open(&dir.join("a.db")).unwrap())
+    }
+
+    fn agent(store: &DynStore, fault: Option<Fault>) -> Agent {
+        let policy = Arc::new(Policy::parse(DEFAULT_POLICY).unwrap());
+        let mut balance: BalanceTool = Arc::new(StoreBalance(store.clone()));
+        if let Some(fault) = fault {
+            balance = Arc::new(WithFault::new(balance, fault));
+        }
+        Agent::new(policy, balance, Arc::new(StoreRiskSignals(store.clone())))
+    }
+
+    fn payment(amount: &str) -> Payment {
+        Payment {
+            customer: CustomerId::parse("c_1").unwrap(),
+            payee: PayeeId::parse("p_1").unwrap(),
+            amount: Money::parse(amount, Currency::USD).unwrap(),
+            device_id: None,
+            ip_country: None,
+        }
+    }
+
+    fn reads(balance: &str, disputes: u32, known_payee: bool) -> PaymentReads {
+        PaymentReads {
+            account: Some(Account {
+                customer: CustomerId::parse("c_1").unwrap(),
+                balance: Money::parse(balance, Currency::USD).unwrap(),
+                reserved_minor: 0,
+                outflow_day: 0,
+                outflow_minor: 0,
+            }),
+            risk: Some(RiskProfile {
+                recent_disputes: disputes,
+                device_change: false,
+                home_country: None,
+                known_payee,
+                recent_payments: 0,
+            }),
+        }
+    }
+
+    /// The trace without its timings, which are all that may differ.
+    fn untimed(outcome: &Outcome) -> Vec<(String, String, Option<u32>, String)> {
+        outcome
+            .trace
+            .iter()
+            .map(|s| {
+                let data = s.data.as_ref().map(|d| d.to_string()).unwrap_or_default();
+                (s.step.clone(), s.detail.clone(), s.attempts, data)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn deciding_at_once_from_the_reads_gives_what_calling_the_tools_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let agent = agent(&store, None);
+        assert!(agent.answers_now());
+        let now = 1_700_000_000_000;
+        let cases = [
+            ("125.50", reads("1000.00", 0, true)),
+            ("125.50", reads("100.00", 0, true)),
+            ("900.00", reads("1000.00", 2, false)),
+            ("125.50", PaymentReads::default()),
+        ];
+        for (amount, reads) in cases {
+            let payment = payment(amount);
+            let called = agent.assess(&payment, now, Some(reads.clone())).await;
+            let at_once = agent.assess_now(&payment, now, &reads).unwrap();
+            assert_eq!(at_once.decision, called.decision, "{amount} {reads:?}");
+            assert_eq!(at_once.reasons, called.reasons, "{amount} {reads:?}");
+            assert_eq!(untimed(&at_once), untimed(&called), "{amount} {reads:?}");
+            assert!(at_once.failed_tools.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tool_with_a_fault_is_always_called() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let agent = agent(&store, Some(Fault::Fail));
+        assert!(!agent.answers_now());
+        let reads = reads("1000.00", 0, true);
+        assert!(agent.assess_now(&payment("1.00"), 0, &reads).is_none());
+        let called = agent.assess(&payment("1.00"), 0, Some(reads)).await;
+        assert_eq!(called.failed_tools, vec!["getBalance"]);
     }
 }

@@ -21,6 +21,13 @@ pub trait Tool: Send + Sync {
     type Output: Send;
     fn name(&self) -> &'static str;
     async fn call(&self, payment: &Payment, ctx: &ToolContext) -> Result<Self::Output, ToolError>;
+
+    /// The answer `call` would give, at once and without waiting for anything, from reads
+    /// the store already made; `None` for a tool that has to run (a remote service, a
+    /// fault to inject). Lets the agent decide where the reads were made, in the same step.
+    fn answer_now(&self, _reads: &PaymentReads) -> Option<Self::Output> {
+        None
+    }
 }
 
 pub type BalanceTool = Arc<dyn Tool<Output = Option<Account>>>;
@@ -78,6 +85,9 @@ impl Tool for StoreBalance {
             .map(|reads| reads.account.clone())
             .map_err(|e| store_failure(self.name(), e))
     }
+    fn answer_now(&self, reads: &PaymentReads) -> Option<Self::Output> {
+        Some(reads.account.clone())
+    }
 }
 
 /// `getRiskSignals`: disputes, device change, payee familiarity and recent velocity.
@@ -94,6 +104,9 @@ impl Tool for StoreRiskSignals {
             .await
             .map(|reads| reads.risk.clone())
             .map_err(|e| store_failure(self.name(), e))
+    }
+    fn answer_now(&self, reads: &PaymentReads) -> Option<Self::Output> {
+        Some(reads.risk.clone())
     }
 }
 

@@ -18,7 +18,8 @@ use crate::domain::{
 use crate::error::{AppError, FieldError, rate_limit_headers};
 use crate::ratelimit::RateDecision;
 use crate::store::{
-    Begin, CommitOutcome, DecisionRecord, IdempotencyScope, Lookup, StoredResponse, now_ms,
+    Begin, CommitOutcome, DecideNow, DecisionRecord, IdempotencyScope, Lookup, StoredResponse,
+    now_ms,
 };
 
 /// How long past the request deadline a started commit is awaited before the answer becomes
@@ -260,6 +261,46 @@ fn with_rate_headers(mut res: Response, limit: &RateDecision) -> Response {
     res
 }
 
+/// One request's decision, but for the agent's outcome: what its record is made of.
+#[derive(Clone)]
+struct Deciding {
+    app: AppState,
+    scope: IdempotencyScope,
+    fingerprint: [u8; 32],
+    request_id: RequestId,
+    payment: Payment,
+    now: i64,
+}
+
+impl Deciding {
+    /// Everything the decision writes.
+    fn record(&self, outcome: crate::agent::Outcome) -> DecisionRecord {
+        let currency = self.payment.amount.currency();
+        DecisionRecord {
+            scope: self.scope.clone(),
+            fingerprint: self.fingerprint,
+            request_id: self.request_id.clone(),
+            payment: self.payment.clone(),
+            outcome,
+            reservation_id: new_id("res"),
+            case_id: new_id("case"),
+            now_ms: self.now,
+            idempotency_expires_ms: self.now + self.app.config.idempotency_ttl.as_millis() as i64,
+            daily_limit_minor: self.app.agent.policy().daily_limit_minor(currency),
+        }
+    }
+
+    /// The decision as the store may make it, on the thread that made the claim's reads:
+    /// the agent from those reads, and the commit marked as started (unless the request
+    /// already timed out, in which case nothing is to be written).
+    fn at_once(self, committing: CommitStarted) -> DecideNow {
+        Box::new(move |reads| {
+            let outcome = self.app.agent.assess_now(&self.payment, self.now, reads)?;
+            committing.mark().then(|| self.record(outcome))
+        })
+    }
+}
+
 /// Decide a payment: allow (funds reserved), review or block (a case is opened).
 #[utoipa::path(post, path = "/payments/decide", tag = "payments",
     security(("api_key" = [])),
@@ -302,13 +343,47 @@ pub async fn decide_payment(
     };
     let fingerprint = payment.fingerprint();
     let reads = app.agent.reads_request(&payment, now);
-    let (claim, prefetched) = match app
-        .store
-        .begin_idempotent(&scope, &fingerprint, now, Some(&reads))
-        .await
-        .map_err(AppError::from)?
-    {
-        Begin::Fresh(claim, prefetched) => (claim, prefetched),
+    let deciding = Deciding {
+        app: app.clone(),
+        scope: scope.clone(),
+        fingerprint,
+        request_id: request_id.clone(),
+        payment: payment.clone(),
+        now,
+    };
+    // Past the request deadline a started commit is still awaited (its answer is the
+    // truth), but not forever: a database that stopped answering mid-commit gets an honest
+    // "unknown".
+    let bound = app.config.request_timeout + COMMIT_GRACE;
+    let begun = if app.agent.answers_now() {
+        // The tools answer from the claim's reads: the store may decide where it read.
+        let decide = deciding.clone().at_once(committing.clone());
+        let begun = app
+            .store
+            .begin_deciding(&scope, &fingerprint, now, &reads, decide);
+        tokio::time::timeout(bound, begun)
+            .await
+            .map_err(|_| AppError::CommitOutcomeUnknown)?
+    } else {
+        app.store
+            .begin_idempotent(&scope, &fingerprint, now, Some(&reads))
+            .await
+    };
+    let (claim, committed) = match begun.map_err(AppError::from)? {
+        Begin::Decided(claim, committed) => (claim, committed),
+        Begin::Fresh(claim, prefetched) => {
+            let outcome = app.agent.assess(&payment, now, prefetched).await;
+            for tool in &outcome.failed_tools {
+                app.metrics.tool_failed(tool);
+            }
+            let record = deciding.record(outcome);
+            committing.mark();
+            let committed = tokio::time::timeout(bound, app.store.commit_decision(record))
+                .await
+                .map_err(|_| AppError::CommitOutcomeUnknown)?
+                .map_err(AppError::from)?;
+            (claim, committed)
+        }
         Begin::Replay(stored) => {
             app.metrics.replayed();
             return Ok(with_rate_headers(replay(stored), &limit));
@@ -316,36 +391,7 @@ pub async fn decide_payment(
         Begin::Mismatch => return Err(AppError::IdempotencyKeyReused),
         Begin::InProgress => return Err(AppError::IdempotencyInProgress),
     };
-
-    let outcome = app.agent.assess(&payment, now, prefetched).await;
-    for tool in &outcome.failed_tools {
-        app.metrics.tool_failed(tool);
-    }
-    let daily_limit_minor = app
-        .agent
-        .policy()
-        .daily_limit_minor(payment.amount.currency());
-    let record = DecisionRecord {
-        scope: scope.clone(),
-        fingerprint,
-        request_id: request_id.clone(),
-        payment: payment.clone(),
-        outcome,
-        reservation_id: new_id("res"),
-        case_id: new_id("case"),
-        now_ms: now,
-        idempotency_expires_ms: now + app.config.idempotency_ttl.as_millis() as i64,
-        daily_limit_minor,
-    };
-    committing.mark();
-    // Past the request deadline the commit is still awaited (its answer is the truth), but
-    // not forever: a database that stopped answering mid-commit gets an honest "unknown".
-    let bound = app.config.request_timeout + COMMIT_GRACE;
-    let committed = match tokio::time::timeout(bound, app.store.commit_decision(record))
-        .await
-        .map_err(|_| AppError::CommitOutcomeUnknown)?
-        .map_err(AppError::from)?
-    {
+    let committed = match committed {
         CommitOutcome::Committed(c) => c,
         CommitOutcome::Duplicate => {
             // Another execution answered first; ours left nothing behind. Answer with theirs.

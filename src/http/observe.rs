@@ -2,7 +2,7 @@
 //! metrics of every request.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -15,17 +15,39 @@ use crate::domain::RequestId;
 use crate::error::{AppError, InternalCause, Problem, problem_response};
 
 /// Set by a handler when it starts its commit: from then on the request deadline no longer
-/// cuts it short, so a timeout answer always means nothing was written.
+/// cuts it short, so a timeout answer always means nothing was written. A commit may start
+/// on another thread (the SQLite writer) while the deadline passes: whichever comes first,
+/// the commit's start or the timeout's answer, wins, and the other does not happen.
 #[derive(Clone, Default)]
-pub struct CommitStarted(Arc<AtomicBool>);
+pub struct CommitStarted(Arc<AtomicU8>);
+
+const RUNNING: u8 = 0;
+const COMMITTING: u8 = 1;
+const TIMED_OUT: u8 = 2;
 
 impl CommitStarted {
-    pub fn mark(&self) {
-        self.0.store(true, Ordering::Release);
+    /// The commit starts, unless the request was already answered with a timeout (`false`:
+    /// then it must not).
+    pub fn mark(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(RUNNING, COMMITTING, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(state) => state == COMMITTING,
+        }
     }
 
-    fn started(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+    /// At the deadline: `true` if the request may be answered with a timeout (no commit
+    /// started, and none will), `false` if a commit started and must be awaited.
+    fn time_out(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(RUNNING, TIMED_OUT, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(state) => state == TIMED_OUT,
+        }
     }
 }
 
@@ -56,7 +78,7 @@ pub async fn observe(State(app): State<AppState>, mut req: Request, next: Next) 
         Ok(res) => res,
         // Past the deadline but already writing: the answer exists (or will in a moment), and
         // a 503 would tell the client nothing was done. Wait for it instead.
-        Err(_) if committing.started() => handler.await,
+        Err(_) if !committing.time_out() => handler.await,
         Err(_) => AppError::Timeout.into_response(),
     };
 
@@ -96,4 +118,25 @@ pub async fn observe(State(app): State<AppState>, mut req: Request, next: Next) 
         code,
     );
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CommitStarted;
+
+    #[test]
+    fn a_commit_and_a_timeout_never_both_happen() {
+        let started = CommitStarted::default();
+        assert!(started.mark());
+        assert!(started.mark(), "marking twice is still started");
+        assert!(!started.time_out(), "a started commit is awaited");
+
+        let timed_out = CommitStarted::default();
+        assert!(timed_out.time_out());
+        assert!(
+            !timed_out.mark(),
+            "a request answered with a timeout must not commit"
+        );
+        assert!(timed_out.time_out());
+    }
 }

@@ -152,7 +152,15 @@ pub enum Begin {
     Replay(StoredResponse),
     Mismatch,
     InProgress,
+    /// The key was free and the decision was made and committed in the same trip (see
+    /// [`Store::begin_deciding`]).
+    Decided(Claim, CommitOutcome),
 }
+
+/// Makes the decision from the tools' reads where they were made, at once; `None` if it
+/// cannot be made that way (a tool has to run), or must not be committed any more (the
+/// request timed out). See [`Store::begin_deciding`].
+pub type DecideNow = Box<dyn FnOnce(&PaymentReads) -> Option<DecisionRecord> + Send>;
 
 /// A stored answer found for a key.
 pub enum Lookup {
@@ -260,6 +268,24 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         reads: Option<&ReadsRequest>,
     ) -> Result<Begin, StoreError>;
+
+    /// [`Store::begin_idempotent`] with the tools' reads, and then, for a fresh claim whose
+    /// reads worked, `decide` run on them and its decision committed, all in one trip to
+    /// the database ([`Begin::Decided`]). A store that cannot do so, or a `decide` that
+    /// gives no decision, leaves the claim to the caller ([`Begin::Fresh`]), as
+    /// `begin_idempotent` does.
+    async fn begin_deciding(
+        &self,
+        scope: &IdempotencyScope,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+        reads: &ReadsRequest,
+        decide: DecideNow,
+    ) -> Result<Begin, StoreError> {
+        drop(decide);
+        self.begin_idempotent(scope, fingerprint, now_ms, Some(reads))
+            .await
+    }
 
     async fn find_response(
         &self,

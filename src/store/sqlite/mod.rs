@@ -24,7 +24,7 @@
 
 mod writer;
 
-use writer::Db;
+use writer::{Db, ReadThen};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -35,8 +35,9 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Account, Begin, Claim, CommitOutcome, Committed, DecisionRecord, IdempotencyScope, Lookup,
-    PaymentReads, ReadsRequest, RiskProfile, Store, StoreError, StoredResponse, reasons_json,
+    Account, Begin, Claim, CommitOutcome, Committed, DecideNow, DecisionRecord, IdempotencyScope,
+    Lookup, PaymentReads, ReadsRequest, RiskProfile, Store, StoreError, StoredResponse,
+    reasons_json,
 };
 use super::{
     Case, CaseResolution, CaseStatus, Reservation, ReservationStatus, Resolved, Settled,
@@ -442,6 +443,73 @@ fn read_payment(db: &Db<'_>, request: &ReadsRequest) -> Result<PaymentReads, Sto
     })
 }
 
+/// Where a claim's trip to the writer ended.
+enum Trip {
+    /// The key holds an answer, as of batch `seen`.
+    Stored(Stored, u64),
+    /// The key is this request's, with the tools' reads if asked for.
+    Fresh(Option<Result<PaymentReads, StoreError>>),
+    /// The key was this request's, and the decision made from the reads is committed.
+    Decided(CommitOutcome),
+}
+
+impl SqliteStore {
+    /// One job for the writer: the lookup, the tools' reads when the key is free, and with
+    /// `decide` the decision made from them, written in the batch right after the reads.
+    async fn begin(
+        &self,
+        scope: &IdempotencyScope,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+        reads: Option<&ReadsRequest>,
+        decide: Option<DecideNow>,
+    ) -> Result<Begin, StoreError> {
+        let key = scope.local_key();
+        if !self.in_flight.lock().insert(key.clone()) {
+            return Ok(Begin::InProgress);
+        }
+        let in_flight = self.in_flight.clone();
+        let claim = Claim::new(move || {
+            in_flight.lock().remove(&key);
+        });
+        let (caller, key) = (scope.caller.clone(), scope.key.as_str().to_owned());
+        let reads = reads.cloned();
+        let trip = self
+            .writer
+            .read_then_write(move |db, seen| {
+                match stored_response(db, &caller, &key, now_ms) {
+                    Ok(Some(stored)) => return ReadThen::Answer(Ok(Trip::Stored(stored, seen))),
+                    Ok(None) => {}
+                    Err(e) => return ReadThen::Answer(Err(e)),
+                }
+                let fetched = reads.map(|reads| read_payment(db, &reads));
+                if let (Some(Ok(fetched)), Some(decide)) = (&fetched, decide)
+                    && let Some(record) = decide(fetched)
+                {
+                    let rendered = Rendered::new(record);
+                    return ReadThen::Write(Box::new(move |db| {
+                        apply_decision(db, rendered).map(Trip::Decided)
+                    }));
+                }
+                ReadThen::Answer(Ok(Trip::Fresh(fetched)))
+            })
+            .await?;
+        Ok(match trip {
+            Trip::Stored(stored, seen) => {
+                // A stored answer is replayed only once it is on disk, as it was when first
+                // sent.
+                self.writer.durability().wait(seen).await?;
+                match stored.matching(fingerprint) {
+                    Lookup::Replay(stored) => Begin::Replay(stored),
+                    Lookup::Mismatch => Begin::Mismatch,
+                }
+            }
+            Trip::Fresh(fetched) => Begin::Fresh(claim, super::prefetched(fetched)),
+            Trip::Decided(outcome) => Begin::Decided(claim, outcome),
+        })
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn engine(&self) -> &'static str {
@@ -455,40 +523,19 @@ impl Store for SqliteStore {
         now_ms: i64,
         reads: Option<&ReadsRequest>,
     ) -> Result<Begin, StoreError> {
-        let key = scope.local_key();
-        if !self.in_flight.lock().insert(key.clone()) {
-            return Ok(Begin::InProgress);
-        }
-        let in_flight = self.in_flight.clone();
-        let claim = Claim::new(move || {
-            in_flight.lock().remove(&key);
-        });
-        // One job: the lookup and, when the key is free, the tools' reads.
-        let (caller, key) = (scope.caller.clone(), scope.key.as_str().to_owned());
-        let reads = reads.cloned();
-        let ((stored, fetched), seen) = self
-            .writer
-            .read_before_write(move |db| {
-                let stored = stored_response(db, &caller, &key, now_ms)?;
-                let fetched = match (&stored, reads) {
-                    (None, Some(reads)) => Some(read_payment(db, &reads)),
-                    _ => None,
-                };
-                // A fresh claim is followed by its decision's write.
-                let follows = stored.is_none();
-                Ok(((stored, fetched), follows))
-            })
-            .await?;
-        if let Some(stored) = stored {
-            // A stored answer is replayed only once it is on disk, as it was when first sent.
-            self.writer.durability().wait(seen).await?;
-            return Ok(match stored.matching(fingerprint) {
-                Lookup::Replay(stored) => Begin::Replay(stored),
-                Lookup::Mismatch => Begin::Mismatch,
-            });
-        }
-        let fetched = super::prefetched(fetched);
-        Ok(Begin::Fresh(claim, fetched))
+        self.begin(scope, fingerprint, now_ms, reads, None).await
+    }
+
+    async fn begin_deciding(
+        &self,
+        scope: &IdempotencyScope,
+        fingerprint: &[u8; 32],
+        now_ms: i64,
+        reads: &ReadsRequest,
+        decide: DecideNow,
+    ) -> Result<Begin, StoreError> {
+        self.begin(scope, fingerprint, now_ms, Some(reads), Some(decide))
+            .await
     }
 
     async fn find_response(
