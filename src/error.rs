@@ -80,6 +80,7 @@ impl From<crate::store::StoreError> for AppError {
             crate::store::StoreError::Unavailable(cause) => AppError::StoreUnavailable(cause),
             // A schema that does not match the code is our bug, not an outage.
             crate::store::StoreError::Internal(cause) => AppError::Internal(cause),
+            crate::store::StoreError::OutcomeUnknown(_) => AppError::CommitOutcomeUnknown,
         }
     }
 }

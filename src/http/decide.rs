@@ -361,9 +361,12 @@ pub async fn decide_payment(
         let begun = app
             .store
             .begin_deciding(&scope, &fingerprint, now, &reads, decide);
-        tokio::time::timeout(bound, begun)
-            .await
-            .map_err(|_| AppError::CommitOutcomeUnknown)?
+        match tokio::time::timeout(bound, begun).await {
+            Ok(begun) => begun,
+            // No commit started, and now none will: nothing was written.
+            Err(_) if committing.time_out() => return Err(AppError::Timeout),
+            Err(_) => return Err(AppError::CommitOutcomeUnknown),
+        }
     } else {
         app.store
             .begin_idempotent(&scope, &fingerprint, now, Some(&reads))
@@ -377,7 +380,9 @@ pub async fn decide_payment(
                 app.metrics.tool_failed(tool);
             }
             let record = deciding.record(outcome);
-            committing.mark();
+            if !committing.mark() {
+                return Err(AppError::Timeout);
+            }
             let committed = tokio::time::timeout(bound, app.store.commit_decision(record))
                 .await
                 .map_err(|_| AppError::CommitOutcomeUnknown)?

@@ -28,6 +28,7 @@ const TIMED_OUT: u8 = 2;
 impl CommitStarted {
     /// The commit starts, unless the request was already answered with a timeout (`false`:
     /// then it must not).
+    #[must_use]
     pub fn mark(&self) -> bool {
         match self
             .0
@@ -40,7 +41,8 @@ impl CommitStarted {
 
     /// At the deadline: `true` if the request may be answered with a timeout (no commit
     /// started, and none will), `false` if a commit started and must be awaited.
-    fn time_out(&self) -> bool {
+    #[must_use]
+    pub fn time_out(&self) -> bool {
         match self
             .0
             .compare_exchange(RUNNING, TIMED_OUT, Ordering::AcqRel, Ordering::Acquire)
@@ -138,5 +140,25 @@ mod tests {
             "a request answered with a timeout must not commit"
         );
         assert!(timed_out.time_out());
+    }
+
+    #[test]
+    fn racing_a_commit_against_the_deadline_has_exactly_one_winner() {
+        for _ in 0..2000 {
+            let state = CommitStarted::default();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let (s, b) = (state.clone(), barrier.clone());
+            let writer = std::thread::spawn(move || {
+                b.wait();
+                s.mark()
+            });
+            barrier.wait();
+            let timed_out = state.time_out();
+            let committed = writer.join().unwrap();
+            assert!(
+                committed != timed_out,
+                "committed={committed} timed_out={timed_out}"
+            );
+        }
     }
 }

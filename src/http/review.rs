@@ -301,7 +301,9 @@ pub async fn resolve_case(
         now_ms: now_ms(),
         daily_limit_minor,
     };
-    committing.mark();
+    if !committing.mark() {
+        return Err(AppError::Timeout);
+    }
     match app
         .store
         .resolve_case(resolution)
@@ -360,7 +362,9 @@ async fn settle(
     committing: CommitStarted,
 ) -> Result<Json<ReservationResponse>, AppError> {
     let id = checked_id(&id, NO_RESERVATION)?;
-    committing.mark();
+    if !committing.mark() {
+        return Err(AppError::Timeout);
+    }
     match app
         .store
         .settle_reservation(id, to, now_ms())

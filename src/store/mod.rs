@@ -252,6 +252,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("storage error: {0}")]
     Internal(String),
+    /// The write was committed but could not be made durable (a failed sync): it may or
+    /// may not survive a restart.
+    #[error("storage outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 #[async_trait]

@@ -27,6 +27,7 @@ mod writer;
 use writer::{Db, ReadThen};
 
 use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -204,8 +205,9 @@ const STORE_RESPONSE: &str = "INSERT INTO idempotency
         created_ms = excluded.created_ms, expires_ms = excluded.expires_ms
     WHERE idempotency.expires_ms <= excluded.created_ms";
 
-/// A decision ready for the writer: its response body (and a case's trace) were rendered on
-/// the async side, so the one writer thread spends its time on SQL only.
+/// A decision ready for its write: its response body (and a case's trace) rendered before
+/// it runs. A decision made on the async side is rendered there; one made in its claim's job
+/// is rendered on the writer (microseconds, against a second trip to the writer).
 struct Rendered {
     rec: DecisionRecord,
     body: Vec<u8>,
@@ -483,13 +485,26 @@ impl SqliteStore {
                     Err(e) => return ReadThen::Answer(Err(e)),
                 }
                 let fetched = reads.map(|reads| read_payment(db, &reads));
-                if let (Some(Ok(fetched)), Some(decide)) = (&fetched, decide)
-                    && let Some(record) = decide(fetched)
-                {
-                    let rendered = Rendered::new(record);
-                    return ReadThen::Write(Box::new(move |db| {
-                        apply_decision(db, rendered).map(Trip::Decided)
-                    }));
+                if let (Some(Ok(fetched)), Some(decide)) = (&fetched, decide) {
+                    // The agent's code, on the writer: a panic there is a bug of this
+                    // request (500, as on the request's own task), not an outage.
+                    match catch_unwind(AssertUnwindSafe(|| decide(fetched).map(Rendered::new))) {
+                        Ok(Some(rendered)) => {
+                            return ReadThen::Write(Box::new(move |db| {
+                                apply_decision(db, rendered).map(Trip::Decided)
+                            }));
+                        }
+                        Ok(None) => {}
+                        Err(_) => {
+                            tracing::error!(
+                                event = "agent.panicked",
+                                "the decision panicked; nothing was written"
+                            );
+                            return ReadThen::Answer(Err(StoreError::Internal(
+                                "the decision panicked".into(),
+                            )));
+                        }
+                    }
                 }
                 ReadThen::Answer(Ok(Trip::Fresh(fetched)))
             })

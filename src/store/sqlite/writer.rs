@@ -749,7 +749,10 @@ fn sync_loop(mut wal: impl SyncWal, batches: Receiver<Batch>, durable: &Durabili
         for batch in waiting.drain(..) {
             let outcome = match (&synced, batch.outcome) {
                 (Ok(()), outcome) => outcome,
-                (Err(e), _) => Err(e.clone()),
+                // Rolled back: nothing of it is anywhere, whatever the disk did.
+                (Err(_), Err(own)) => Err(own),
+                // In the WAL, but maybe not on disk: it may or may not survive.
+                (Err(e), Ok(())) => Err(StoreError::OutcomeUnknown(e.to_string())),
             };
             for finish in batch.finishers {
                 finish(outcome.clone());
@@ -956,12 +959,19 @@ pub(super) mod tests {
         gate.open(100);
         let writer = writer_on(&db_in(dir.path()), gate.clone());
         gate.fail.store(true, Ordering::SeqCst);
-        assert!(writer.write(insert(1)).await.is_err());
+        // Committed, but not known to be on disk: neither success nor "nothing written".
+        assert!(matches!(
+            writer.write(insert(1)).await,
+            Err(StoreError::OutcomeUnknown(_))
+        ));
         let calls = gate.calls();
         // The disk may have lost what it was given: nothing more is taken, even once the
         // sync would work again.
         gate.fail.store(false, Ordering::SeqCst);
-        assert!(writer.write(insert(2)).await.is_err());
+        assert!(matches!(
+            writer.write(insert(2)).await,
+            Err(StoreError::Unavailable(_))
+        ));
         assert_eq!(gate.calls(), calls, "no batch ran after the failure");
         let seen = writer.durability().newest();
         assert!(writer.durability().wait(seen).await.is_err());
