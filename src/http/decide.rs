@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::{
     ApiJson, AppState, Caller, CommitStarted, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, X_REQUEST_ID,
 };
+use crate::agent::{Agent, Outcome};
 use crate::domain::{
     Currency, CustomerId, IdempotencyKey, Money, PayeeId, Payment, RequestId, new_id,
 };
@@ -262,9 +263,9 @@ fn with_rate_headers(mut res: Response, limit: &RateDecision) -> Response {
 }
 
 /// One request's decision, but for the agent's outcome: what its record is made of.
-#[derive(Clone)]
 struct Deciding {
-    app: AppState,
+    agent: Arc<Agent>,
+    idempotency_ttl: std::time::Duration,
     scope: IdempotencyScope,
     fingerprint: [u8; 32],
     request_id: RequestId,
@@ -273,20 +274,39 @@ struct Deciding {
 }
 
 impl Deciding {
+    fn new(
+        app: &AppState,
+        scope: &IdempotencyScope,
+        fingerprint: [u8; 32],
+        request_id: &RequestId,
+        payment: &Payment,
+        now: i64,
+    ) -> Self {
+        Deciding {
+            agent: app.agent.clone(),
+            idempotency_ttl: app.config.idempotency_ttl,
+            scope: scope.clone(),
+            fingerprint,
+            request_id: request_id.clone(),
+            payment: payment.clone(),
+            now,
+        }
+    }
+
     /// Everything the decision writes.
-    fn record(&self, outcome: crate::agent::Outcome) -> DecisionRecord {
+    fn record(self, outcome: Outcome) -> DecisionRecord {
         let currency = self.payment.amount.currency();
         DecisionRecord {
-            scope: self.scope.clone(),
+            daily_limit_minor: self.agent.policy().daily_limit_minor(currency),
+            scope: self.scope,
             fingerprint: self.fingerprint,
-            request_id: self.request_id.clone(),
-            payment: self.payment.clone(),
+            request_id: self.request_id,
+            payment: self.payment,
             outcome,
             reservation_id: new_id("res"),
             case_id: new_id("case"),
             now_ms: self.now,
-            idempotency_expires_ms: self.now + self.app.config.idempotency_ttl.as_millis() as i64,
-            daily_limit_minor: self.app.agent.policy().daily_limit_minor(currency),
+            idempotency_expires_ms: self.now + self.idempotency_ttl.as_millis() as i64,
         }
     }
 
@@ -295,7 +315,7 @@ impl Deciding {
     /// already timed out, in which case nothing is to be written).
     fn at_once(self, committing: CommitStarted) -> DecideNow {
         Box::new(move |reads| {
-            let outcome = self.app.agent.assess_now(&self.payment, self.now, reads)?;
+            let outcome = self.agent.assess_now(&self.payment, self.now, reads)?;
             committing.mark().then(|| self.record(outcome))
         })
     }
@@ -343,21 +363,14 @@ pub async fn decide_payment(
     };
     let fingerprint = payment.fingerprint();
     let reads = app.agent.reads_request(&payment, now);
-    let deciding = Deciding {
-        app: app.clone(),
-        scope: scope.clone(),
-        fingerprint,
-        request_id: request_id.clone(),
-        payment: payment.clone(),
-        now,
-    };
+    let deciding = || Deciding::new(&app, &scope, fingerprint, &request_id, &payment, now);
     // Past the request deadline a started commit is still awaited (its answer is the
     // truth), but not forever: a database that stopped answering mid-commit gets an honest
     // "unknown".
     let bound = app.config.request_timeout + COMMIT_GRACE;
     let begun = if app.agent.answers_now() {
         // The tools answer from the claim's reads: the store may decide where it read.
-        let decide = deciding.clone().at_once(committing.clone());
+        let decide = deciding().at_once(committing.clone());
         let begun = app
             .store
             .begin_deciding(&scope, &fingerprint, now, &reads, decide);
@@ -379,7 +392,7 @@ pub async fn decide_payment(
             for tool in &outcome.failed_tools {
                 app.metrics.tool_failed(tool);
             }
-            let record = deciding.record(outcome);
+            let record = deciding().record(outcome);
             if !committing.mark() {
                 return Err(AppError::Timeout);
             }
@@ -454,6 +467,44 @@ mod tests {
     }
 
     const VALID: &str = r#"{"customerId":"c_123","amount":125.50,"currency":"USD","payeeId":"p_789","idempotencyKey":"uuid-1"}"#;
+
+    #[test]
+    fn a_decision_made_after_its_request_timed_out_is_not_written() {
+        use crate::agent::tools::{StoreBalance, StoreRiskSignals};
+        let dir = tempfile::tempdir().unwrap();
+        let store: crate::store::DynStore =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("d.db")).unwrap());
+        let policy = crate::policy::Policy::parse(crate::policy::DEFAULT_POLICY).unwrap();
+        let agent = Arc::new(Agent::new(
+            Arc::new(policy),
+            Arc::new(StoreBalance(store.clone())),
+            Arc::new(StoreRiskSignals(store)),
+        ));
+        let (payment, key) = parse_decide_body(VALID.as_bytes(), None).unwrap();
+        let deciding = || Deciding {
+            agent: agent.clone(),
+            idempotency_ttl: std::time::Duration::from_secs(60),
+            scope: IdempotencyScope {
+                caller: "test".into(),
+                key: key.clone(),
+            },
+            fingerprint: payment.fingerprint(),
+            request_id: RequestId::generate(),
+            payment: payment.clone(),
+            now: now_ms(),
+        };
+        let reads = crate::store::PaymentReads::default();
+
+        // In time: the commit is marked started, and there is a record to write.
+        let committing = CommitStarted::default();
+        assert!(deciding().at_once(committing.clone())(&reads).is_some());
+        assert!(!committing.time_out(), "its commit had started");
+
+        // The deadline answered first: nothing is to be written.
+        let late = CommitStarted::default();
+        assert!(late.time_out());
+        assert!(deciding().at_once(late)(&reads).is_none());
+    }
 
     #[test]
     fn the_brief_request_parses_exactly() {

@@ -30,25 +30,24 @@ impl CommitStarted {
     /// then it must not).
     #[must_use]
     pub fn mark(&self) -> bool {
-        match self
-            .0
-            .compare_exchange(RUNNING, COMMITTING, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => true,
-            Err(state) => state == COMMITTING,
-        }
+        self.settle(COMMITTING)
     }
 
     /// At the deadline: `true` if the request may be answered with a timeout (no commit
     /// started, and none will), `false` if a commit started and must be awaited.
     #[must_use]
     pub fn time_out(&self) -> bool {
+        self.settle(TIMED_OUT)
+    }
+
+    /// Moves a running request to `to`; true if it is (now or already) there.
+    fn settle(&self, to: u8) -> bool {
         match self
             .0
-            .compare_exchange(RUNNING, TIMED_OUT, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(RUNNING, to, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => true,
-            Err(state) => state == TIMED_OUT,
+            Err(state) => state == to,
         }
     }
 }

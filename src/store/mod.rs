@@ -284,9 +284,8 @@ pub trait Store: Send + Sync + 'static {
         fingerprint: &[u8; 32],
         now_ms: i64,
         reads: &ReadsRequest,
-        decide: DecideNow,
+        _decide: DecideNow,
     ) -> Result<Begin, StoreError> {
-        drop(decide);
         self.begin_idempotent(scope, fingerprint, now_ms, Some(reads))
             .await
     }

@@ -27,7 +27,6 @@ mod writer;
 use writer::{Db, ReadThen};
 
 use std::collections::HashSet;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -485,26 +484,15 @@ impl SqliteStore {
                     Err(e) => return ReadThen::Answer(Err(e)),
                 }
                 let fetched = reads.map(|reads| read_payment(db, &reads));
-                if let (Some(Ok(fetched)), Some(decide)) = (&fetched, decide) {
-                    // The agent's code, on the writer: a panic there is a bug of this
-                    // request (500, as on the request's own task), not an outage.
-                    match catch_unwind(AssertUnwindSafe(|| decide(fetched).map(Rendered::new))) {
-                        Ok(Some(rendered)) => {
-                            return ReadThen::Write(Box::new(move |db| {
-                                apply_decision(db, rendered).map(Trip::Decided)
-                            }));
-                        }
-                        Ok(None) => {}
-                        Err(_) => {
-                            tracing::error!(
-                                event = "agent.panicked",
-                                "the decision panicked; nothing was written"
-                            );
-                            return ReadThen::Answer(Err(StoreError::Internal(
-                                "the decision panicked".into(),
-                            )));
-                        }
-                    }
+                // The agent runs here, on the writer (a panic in it answers this request
+                // with an internal error, see `Writer::read_then_write`).
+                if let (Some(Ok(fetched)), Some(decide)) = (&fetched, decide)
+                    && let Some(record) = decide(fetched)
+                {
+                    let rendered = Rendered::new(record);
+                    return ReadThen::Write(Box::new(move |db| {
+                        apply_decision(db, rendered).map(Trip::Decided)
+                    }));
                 }
                 ReadThen::Answer(Ok(Trip::Fresh(fetched)))
             })
@@ -972,12 +960,11 @@ mod tests {
             .expect("an answer within 10 s")
     }
 
-    #[tokio::test]
-    async fn replays_and_case_listings_wait_until_what_they_show_is_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store whose WAL syncs wait for the gate, seeded with the demo customers.
+    async fn gated_store(dir: &Path) -> (Arc<SqliteStore>, writer::tests::Gate) {
         let gate = writer::tests::Gate::new();
         let store = Arc::new(
-            SqliteStore::open_syncing(&dir.path().join("p.db"), {
+            SqliteStore::open_syncing(&dir.join("p.db"), {
                 let gate = gate.clone();
                 move |_| Ok(gate)
             })
@@ -987,6 +974,70 @@ mod tests {
         gate.open(1);
         let fixtures = crate::fixtures::load(None).unwrap();
         store.seed_if_empty(&fixtures).await.unwrap();
+        (store, gate)
+    }
+
+    #[tokio::test]
+    async fn a_decision_made_in_its_claims_trip_is_written_only_if_made_and_answered_once_on_disk()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, gate) = gated_store(dir.path()).await;
+        let (scope, fingerprint, rec) = record("k-2", "125.50");
+        let reads = ReadsRequest {
+            customer: rec.payment.customer.clone(),
+            payee: rec.payment.payee.clone(),
+            velocity_since_ms: 0,
+        };
+        let now = super::super::now_ms();
+
+        // No decision made there: the claim comes back fresh, with the reads, and nothing is
+        // written.
+        let begun = store
+            .begin_deciding(&scope, &fingerprint, now, &reads, Box::new(|_| None))
+            .await
+            .unwrap();
+        let Begin::Fresh(claim, Some(fetched)) = begun else {
+            panic!("expected a fresh claim with its reads");
+        };
+        assert!(fetched.account.is_some());
+        drop(claim);
+        let stored = store
+            .find_response(&scope, &fingerprint, now)
+            .await
+            .unwrap();
+        assert!(stored.is_none());
+
+        // Made there: committed in the same trip, answered only once it is on disk.
+        let deciding = tokio::spawn({
+            let (store, scope) = (store.clone(), scope.clone());
+            async move {
+                store
+                    .begin_deciding(&scope, &fingerprint, now, &reads, Box::new(|_| Some(rec)))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!deciding.is_finished(), "answered before its sync");
+        gate.open(1);
+        assert!(matches!(
+            within(deciding).await.unwrap().unwrap(),
+            Begin::Decided(_, CommitOutcome::Committed(_))
+        ));
+        assert!(matches!(
+            store
+                .find_response(&scope, &fingerprint, now)
+                .await
+                .unwrap(),
+            Some(Lookup::Replay(_))
+        ));
+        gate.open(100);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn replays_and_case_listings_wait_until_what_they_show_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, gate) = gated_store(dir.path()).await;
 
         let (scope, fingerprint, rec) = record("k-1", "125.50");
         let committing = tokio::spawn({

@@ -40,8 +40,10 @@
 //! the background sweeps) are rare and may meet bad data; each runs in a savepoint, so it
 //! fails alone ([`Writer::write_isolated`]).
 //!
-//! A job that panics is treated as a failed one. The store stops taking writes, and says so
-//! (`/readyz`), until it is restarted, if:
+//! A job that panics is a bug of that job: it is answered with an internal error, and a
+//! write that panics fails its batch as a failed one does.
+//!
+//! The store stops taking writes, and says so (`/readyz`), until it is restarted, if:
 //! * an `fdatasync` fails (the disk may have dropped the pages it could not write);
 //! * the WAL file is no longer the one SQLite writes;
 //! * a rollback fails (the connection would carry half a batch into the next);
@@ -183,17 +185,33 @@ pub enum ReadThen<T> {
 pub type HandedOver<T> = Box<dyn for<'a, 'c> FnOnce(&'a Db<'c>) -> rusqlite::Result<T> + Send>;
 
 /// The job that runs `f` in a batch and answers `reply` with its result once the batch is
-/// committed and on disk (or with why not).
+/// committed and on disk (or with why not). A failure of `f` fails the batch.
 fn write_job<T: Send + 'static>(
     f: impl FnOnce(&Db<'_>) -> rusqlite::Result<T> + Send + 'static,
     reply: oneshot::Sender<Result<T, StoreError>>,
 ) -> WriteJob {
+    job(
+        move |db| {
+            let result = f(db).map_err(unavailable);
+            let failed = result.is_err();
+            (result, failed)
+        },
+        reply,
+    )
+}
+
+/// The job that runs `run` in a batch (given the connection, unless the batch cannot run)
+/// and answers `reply` once the batch is committed and on disk. `run` gives its result and
+/// whether the batch must fail.
+fn job<T: Send + 'static>(
+    run: impl FnOnce(&Db<'_>) -> (Result<T, StoreError>, bool) + Send + 'static,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+) -> WriteJob {
     Box::new(move |db| {
-        let result = match db {
-            Some(db) => f(db).map_err(unavailable),
-            None => Err(unavailable("not run")),
+        let (result, failed) = match db {
+            Some(db) => run(db),
+            None => (Err(unavailable("not run")), false),
         };
-        let failed = db.is_some() && result.is_err();
         Ran {
             finish: Box::new(move |committed| {
                 let _ = reply.send(committed.and(result));
@@ -435,12 +453,13 @@ impl Writer {
             .map_err(|_| unavailable("store is closed"))
     }
 
-    /// Why an answer never came: the store stopped, or the job failed without one (a panic).
+    /// Why an answer never came: the store stopped, or the job panicked (a bug of that job,
+    /// not an outage: an internal error, as a panic on the request's own task would be).
     fn lost(&self) -> StoreError {
         if self.durable.failed() {
             stopped()
         } else {
-            unavailable("the job failed in the writer")
+            StoreError::Internal("the job panicked in the writer".into())
         }
     }
 
@@ -457,7 +476,8 @@ impl Writer {
 
     /// Runs `f` like [`Writer::read_latest`] (given the number of the newest batch it could
     /// see); what it returns is answered at once, or is a write that runs in the batch right
-    /// after the read, answered when [`Writer::write`] would answer it.
+    /// after the read, answered when [`Writer::write`] would answer it. If `f` panics, the
+    /// answer is an internal error and nothing of it is written.
     pub async fn read_then_write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Db<'_>, u64) -> ReadThen<T> + Send + 'static,
@@ -492,19 +512,8 @@ impl Writer {
         f: impl FnOnce(&Db<'_>) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Job::Write(Box::new(move |db| {
-            let (result, failed) = match db {
-                Some(db) => in_savepoint(db, f),
-                None => (Err(unavailable("not run")), false),
-            };
-            Ran {
-                finish: Box::new(move |committed| {
-                    let _ = reply.send(committed.and(result));
-                }),
-                failed,
-            }
-        })))
-        .await?;
+        let run = move |db: &Db<'_>| in_savepoint(db, f);
+        self.send(Job::Write(job(run, reply))).await?;
         answer.await.map_err(|_| self.lost())?
     }
 
@@ -643,8 +652,10 @@ fn writer_loop(
         let run_reads = |reads: &mut Vec<ReadJob>, writes: &mut Vec<WriteJob>| {
             for read in reads.drain(..) {
                 // A read that panics loses only its own answer.
-                if let Ok(Some(write)) = catch_unwind(AssertUnwindSafe(|| read(&db, seen))) {
-                    writes.push(write);
+                match catch_unwind(AssertUnwindSafe(|| read(&db, seen))) {
+                    Ok(Some(write)) => writes.push(write),
+                    Ok(None) => {}
+                    Err(_) => tracing::error!(event = "store.job_panicked", "a read job panicked"),
                 }
             }
         };
@@ -681,7 +692,10 @@ fn writer_loop(
                     finishers.push(ran.finish);
                 }
                 // Its answer is lost with it; its caller learns it failed.
-                Err(_) => outcome = Err(unavailable("a write of the batch panicked")),
+                Err(_) => {
+                    tracing::error!(event = "store.job_panicked", "a write job panicked");
+                    outcome = Err(unavailable("a write of the batch panicked"));
+                }
             }
         }
         if outcome.is_ok() {
@@ -1097,12 +1111,23 @@ pub(super) mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         release.send(()).unwrap();
         within("the held write", holding).await.unwrap().unwrap();
-        assert!(within("panicking", panics).await.unwrap().is_err());
+        // The panicking jobs are bugs (internal errors); the good write is an innocent
+        // victim of its batch (unavailable: nothing written, retry).
+        assert!(matches!(
+            within("panicking", panics).await.unwrap(),
+            Err(StoreError::Internal(_))
+        ));
         assert!(
-            within("good", good).await.unwrap().is_err(),
+            matches!(
+                within("good", good).await.unwrap(),
+                Err(StoreError::Unavailable(_))
+            ),
             "rolled back with the panic"
         );
-        assert!(within("read", read).await.unwrap().is_err());
+        assert!(matches!(
+            within("read", read).await.unwrap(),
+            Err(StoreError::Internal(_))
+        ));
         assert_eq!(count(&writer).await, 1);
         writer.write(insert(3)).await.unwrap();
         assert!(!writer.durability().failed());
