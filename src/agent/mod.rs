@@ -234,6 +234,7 @@ impl Agent {
             customer: payment.customer.clone(),
             payee: payment.payee.clone(),
             velocity_since_ms: now_ms - (self.policy.velocity.window_secs as i64) * 1000,
+            velocity_cap: self.policy.velocity.max_payments,
         }
     }
 

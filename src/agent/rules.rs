@@ -134,7 +134,7 @@ pub fn evaluate(policy: &Policy, facts: &Facts<'_>) -> Vec<Finding> {
                 fire(
                     Reason::HighVelocity,
                     format!(
-                        "{} payments in the last {} s; this one makes more than {}",
+                        "at least {} payments in the last {} s; this one makes more than {}",
                         risk.recent_payments,
                         policy.velocity.window_secs,
                         policy.velocity.max_payments

@@ -65,7 +65,8 @@ pub struct RiskProfile {
     pub home_country: Option<String>,
     /// The customer has paid this payee before (or the bank told us they know each other).
     pub known_payee: bool,
-    /// Decisions made for this customer since the start of the velocity window.
+    /// Decisions made for this customer since the start of the velocity window, counted up
+    /// to the velocity rule's limit: the count never goes past `max_payments`.
     pub recent_payments: u32,
 }
 
@@ -77,12 +78,14 @@ pub struct PaymentReads {
 }
 
 /// What the tools will read about a payment: its customer's account and risk profile, this
-/// payee's familiarity, and the customer's payments since `velocity_since_ms`.
+/// payee's familiarity, and the customer's payments since `velocity_since_ms`, counted up to
+/// `velocity_cap` (the velocity rule only asks whether there are that many).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadsRequest {
     pub customer: CustomerId,
     pub payee: PayeeId,
     pub velocity_since_ms: i64,
+    pub velocity_cap: u32,
 }
 
 /// The tools' reads made alongside a claim, if they worked: a failed one is left to the
@@ -299,7 +302,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// What both tools need about one payment, read in one statement (one snapshot, one
     /// round trip): the account's balance side and its risk profile, with this payee's
-    /// familiarity and the payments since `velocity_since_ms`. Both are `None` when there is
+    /// familiarity and the payments since `velocity_since_ms` (up to `velocity_cap`). Both are `None` when there is
     /// no such account.
     async fn payment_reads(&self, request: &ReadsRequest) -> Result<PaymentReads, StoreError>;
 

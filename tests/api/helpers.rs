@@ -317,10 +317,10 @@ pub fn no_rate_limit(config: &mut Config) {
     config.rate_limit = paynow::ratelimit::Quota::new(100_000, 100_000).expect("valid quota");
 }
 
-/// Generates, for each listed `async fn name(backend: Backend)`, one test per backend, and
-/// one more on SQLite with the Redis rate limiter (`redis_limiter::name`).
+/// Generates, for each listed `async fn name(backend: Backend)`, one test per storage engine
+/// (`sqlite::name`, `postgres::name`).
 #[macro_export]
-macro_rules! on_every_backend {
+macro_rules! on_each_engine {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
             $(
@@ -340,6 +340,15 @@ macro_rules! on_every_backend {
                 }
             )*
         }
+    };
+}
+
+/// Generates, for each listed `async fn name(backend: Backend)`, one test per backend, and
+/// one more on SQLite with the Redis rate limiter (`redis_limiter::name`).
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $crate::on_each_engine!($($name),*);
         mod redis_limiter {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,3 +13,4 @@ mod ratelimit;
 mod ratelimit_redis;
 mod review;
 mod validation;
+mod velocity;

@@ -414,6 +414,7 @@ async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lea
             customer: payment.customer.clone(),
             payee: payment.payee.clone(),
             velocity_since_ms: 0,
+            velocity_cap: u32::MAX,
         })
         .await
         .unwrap()

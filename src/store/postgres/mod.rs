@@ -705,7 +705,9 @@ async fn read_payment(
             "SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
                     a.recent_disputes, a.device_change, a.home_country,
                     EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = $1 AND k.payee_id = $2),
-                    (SELECT count(*) FROM decisions d WHERE d.customer_id = $1 AND d.created_ms >= $3)
+                    (SELECT count(*) FROM (SELECT FROM decisions d
+                                           WHERE d.customer_id = $1 AND d.created_ms >= $3
+                                           LIMIT $4) v)
              FROM accounts a WHERE a.customer_id = $1",
         )
         .await
@@ -717,6 +719,7 @@ async fn read_payment(
                 &request.customer.as_str(),
                 &request.payee.as_str(),
                 &request.velocity_since_ms,
+                &i64::from(request.velocity_cap),
             ],
         )
         .await
@@ -769,8 +772,9 @@ fn reads_from_row(
 const CLAIM_BATCH: &str = "
 WITH input AS (
     SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::bytea[], $5::text[],
-                         $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bigint[])
-        AS t(ord, caller, key, fingerprint, owner, created_ms, expires_ms, customer, payee, since)
+                         $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bigint[],
+                         $11::bigint[])
+        AS t(ord, caller, key, fingerprint, owner, created_ms, expires_ms, customer, payee, since, cap)
 ), claimed AS (
     INSERT INTO idempotency AS i
         (caller, key, fingerprint, state, owner, status_code, body, request_id, created_ms, expires_ms)
@@ -794,8 +798,10 @@ SELECT t.ord, c.state, c.owner, c.fingerprint, c.status_code, c.body, c.request_
        a.recent_disputes, a.device_change, a.home_country,
        EXISTS (SELECT 1 FROM known_payees k
                WHERE a.customer_id IS NOT NULL AND k.customer_id = t.customer AND k.payee_id = t.payee),
-       (SELECT count(*) FROM decisions d
-        WHERE a.customer_id IS NOT NULL AND d.customer_id = t.customer AND d.created_ms >= t.since)
+       (SELECT count(*) FROM (SELECT FROM decisions d
+                              WHERE a.customer_id IS NOT NULL AND d.customer_id = t.customer
+                                AND d.created_ms >= t.since
+                              LIMIT t.cap) v)
 FROM input t
 JOIN claimed c ON c.caller = t.caller AND c.key = t.key
 LEFT JOIN accounts a ON a.customer_id = t.customer AND c.owner IS NOT DISTINCT FROM t.owner";
@@ -877,6 +883,10 @@ async fn run_claims(pool: Pool, rows: Vec<ClaimRow>) -> Answers<ClaimAnswer> {
             .iter()
             .map(|r| r.reads.as_ref().map_or(0, |r| r.velocity_since_ms))
             .collect();
+        let cap: Vec<i64> = rows
+            .iter()
+            .map(|r| r.reads.as_ref().map_or(0, |r| i64::from(r.velocity_cap)))
+            .collect();
         let found = client
             .query(
                 &stmt,
@@ -891,6 +901,7 @@ async fn run_claims(pool: Pool, rows: Vec<ClaimRow>) -> Answers<ClaimAnswer> {
                     &customer,
                     &payee,
                     &since,
+                    &cap,
                 ],
             )
             .await

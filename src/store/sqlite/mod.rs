@@ -61,6 +61,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0001_init.sql"),
     include_str!("../../../migrations/sqlite/0002_review.sql"),
     include_str!("../../../migrations/sqlite/0003_clustered.sql"),
+    include_str!("../../../migrations/sqlite/0004_velocity_chain.sql"),
 ];
 
 pub struct SqliteStore {
@@ -330,9 +331,10 @@ fn apply_decision(
         case_id = Some(rec.case_id.clone());
     }
 
+    // Linked to the customer's previous decision, for the velocity count (migration 0004).
     db.execute(
-        "INSERT INTO decisions (request_id, customer_id, payee_id, amount_minor, currency, decision, reasons, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO decisions (prev_id, request_id, customer_id, payee_id, amount_minor, currency, decision, reasons, created_ms)
+         VALUES ((SELECT last_decision FROM accounts WHERE customer_id = ?2), ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             rec.request_id.as_str(),
             customer,
@@ -343,6 +345,10 @@ fn apply_decision(
             reasons,
             rec.now_ms
         ],
+    )?;
+    db.execute(
+        "UPDATE accounts SET last_decision = last_insert_rowid() WHERE customer_id = ?1",
+        params![customer],
     )?;
 
     Ok(CommitOutcome::Committed(Box::new(Committed {
@@ -397,15 +403,26 @@ fn stored_response(
 fn read_payment(db: &Db<'_>, request: &ReadsRequest) -> Result<PaymentReads, StoreError> {
     let row = db
         .query_opt(
-            "SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
+            // The velocity count walks the customer's decisions newest first (migration 0004)
+            // while they are in the window, and no further than the rule's limit.
+            "WITH RECURSIVE recent (prev_id) AS (
+                 SELECT d.prev_id FROM accounts a JOIN decisions d ON d.id = a.last_decision
+                 WHERE a.customer_id = ?1 AND d.created_ms >= ?3
+                 UNION ALL
+                 SELECT d.prev_id FROM recent r JOIN decisions d ON d.id = r.prev_id
+                 WHERE d.created_ms >= ?3
+                 LIMIT ?4
+             )
+             SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
                     a.recent_disputes, a.device_change, a.home_country,
                     EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = ?1 AND k.payee_id = ?2),
-                    (SELECT count(*) FROM decisions d WHERE d.customer_id = ?1 AND d.created_ms >= ?3)
+                    (SELECT count(*) FROM recent)
              FROM accounts a WHERE a.customer_id = ?1",
             params![
                 request.customer.as_str(),
                 request.payee.as_str(),
-                request.velocity_since_ms
+                request.velocity_since_ms,
+                request.velocity_cap
             ],
             |r| {
                     Ok((
@@ -987,6 +1004,7 @@ mod tests {
             customer: rec.payment.customer.clone(),
             payee: rec.payment.payee.clone(),
             velocity_since_ms: 0,
+            velocity_cap: u32::MAX,
         };
         let now = super::super::now_ms();
 
@@ -1073,6 +1091,86 @@ mod tests {
         assert_eq!(within(listing).await.unwrap().unwrap().len(), 1);
         gate.open(100);
         store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_store_made_before_the_velocity_chain_links_its_decisions_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.db");
+        {
+            let conn = connect(&path, true).unwrap();
+            for sql in &MIGRATIONS[..3] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute_batch(
+                "INSERT INTO accounts (customer_id, currency, balance_minor)
+                 VALUES ('c_123', 'USD', 100000), ('c_456', 'USD', 100000), ('c_rich', 'USD', 100000)",
+            )
+            .unwrap();
+            let mut insert = conn
+                .prepare(
+                    "INSERT INTO decisions (request_id, customer_id, payee_id, amount_minor, currency, decision, reasons, created_ms)
+                     VALUES ('req_old', ?1, 'p_789', 100, 'USD', 'allow', '[]', ?2)",
+                )
+                .unwrap();
+            for (customer, at) in [
+                ("c_123", 1000),
+                ("c_456", 1500),
+                ("c_123", 2000),
+                ("c_456", 2500),
+                ("c_123", 3000),
+            ] {
+                insert.execute(params![customer, at]).unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let count = async |customer: &str, since: i64, cap: u32| {
+            let reads = ReadsRequest {
+                customer: CustomerId::parse(customer).unwrap(),
+                payee: PayeeId::parse("p_789").unwrap(),
+                velocity_since_ms: since,
+                velocity_cap: cap,
+            };
+            store
+                .payment_reads(&reads)
+                .await
+                .unwrap()
+                .risk
+                .unwrap()
+                .recent_payments
+        };
+        assert_eq!(count("c_123", 0, 100).await, 3);
+        assert_eq!(count("c_123", 2000, 100).await, 2);
+        assert_eq!(count("c_123", 0, 2).await, 2);
+        assert_eq!(count("c_456", 0, 100).await, 2);
+        assert_eq!(count("c_rich", 0, 100).await, 0);
+        // The old decisions are still there, with their ids, and the next one joins the chain.
+        let (_, _, rec) = record("k-after", "1.00");
+        assert!(matches!(
+            store.commit_decision(rec).await.unwrap(),
+            CommitOutcome::Committed(_)
+        ));
+        assert_eq!(count("c_123", 0, 100).await, 4);
+        assert_eq!(count("c_123", 2500, 100).await, 2);
+        let ids: Vec<(i64, Option<i64>)> = store
+            .read(|c| {
+                c.prepare("SELECT id, prev_id FROM decisions ORDER BY id")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
+            .unwrap();
+        assert_eq!(
+            ids,
+            [
+                (1, None),
+                (2, None),
+                (3, Some(1)),
+                (4, Some(2)),
+                (5, Some(3)),
+                (6, Some(5))
+            ]
+        );
     }
 
     #[test]

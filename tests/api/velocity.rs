@@ -1,0 +1,131 @@
+//! The velocity count at the store, on each engine: a customer's decisions in the window,
+//! counted up to the rule's limit, whatever else is written around them.
+
+use paynow::agent::Outcome;
+use paynow::domain::{
+    Currency, CustomerId, Decision, IdempotencyKey, Money, PayeeId, Payment, Reason, RequestId,
+    TraceStep,
+};
+use paynow::store::{
+    Begin, CommitOutcome, DecisionRecord, DynStore, IdempotencyScope, ReadsRequest,
+};
+
+use crate::helpers::Backend;
+
+/// A reviewed payment of `customer` decided at `at_ms` (a review reserves nothing, so any
+/// number of them fit).
+async fn decide_at(store: &DynStore, customer: &str, at_ms: i64) {
+    let payment = Payment {
+        customer: CustomerId::parse(customer).unwrap(),
+        payee: PayeeId::parse("p_789").unwrap(),
+        amount: Money::parse("1.00", Currency::USD).unwrap(),
+        device_id: None,
+        ip_country: None,
+    };
+    let scope = IdempotencyScope {
+        caller: "velocity".into(),
+        key: IdempotencyKey::parse(&uuid::Uuid::new_v4().to_string()).unwrap(),
+    };
+    let fingerprint = payment.fingerprint();
+    let Begin::Fresh(claim, _) = store
+        .begin_idempotent(&scope, &fingerprint, at_ms, None)
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is free");
+    };
+    let record = DecisionRecord {
+        scope,
+        fingerprint,
+        request_id: RequestId::generate(),
+        payment,
+        outcome: Outcome {
+            decision: Decision::Review,
+            reasons: vec![Reason::RecentDisputes],
+            trace: vec![TraceStep::new("plan", "Check balance, risk, and limits")],
+            failed_tools: Vec::new(),
+        },
+        reservation_id: paynow::domain::new_id("res"),
+        case_id: paynow::domain::new_id("case"),
+        now_ms: at_ms,
+        idempotency_expires_ms: at_ms + 86_400_000,
+        daily_limit_minor: 1_000_000,
+    };
+    let committed = store.commit_decision(record).await.unwrap();
+    assert!(matches!(committed, CommitOutcome::Committed(_)));
+    drop(claim);
+}
+
+async fn count(store: &DynStore, customer: &str, since_ms: i64, cap: u32) -> u32 {
+    let reads = store
+        .payment_reads(&ReadsRequest {
+            customer: CustomerId::parse(customer).unwrap(),
+            payee: PayeeId::parse("p_789").unwrap(),
+            velocity_since_ms: since_ms,
+            velocity_cap: cap,
+        })
+        .await
+        .unwrap();
+    reads.risk.expect("a known customer").recent_payments
+}
+
+async fn fresh_store(backend: Backend) -> (DynStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database(dir.path()).await;
+    let store = paynow::store::open(&url).await.unwrap();
+    store
+        .seed_if_empty(&paynow::fixtures::load(None).unwrap())
+        .await
+        .unwrap();
+    (store, dir)
+}
+
+crate::on_each_engine!(
+    counts_a_customers_decisions_in_the_window_up_to_the_limit,
+    decisions_made_together_are_each_counted,
+);
+
+async fn counts_a_customers_decisions_in_the_window_up_to_the_limit(backend: Backend) {
+    let (store, _dir) = fresh_store(backend).await;
+    let base = paynow::store::now_ms() - 3_600_000;
+    assert_eq!(count(&store, "c_rich", 0, 100).await, 0);
+    // c_rich at base+1s … base+5s, with c_456 in between.
+    for i in 1..=5 {
+        decide_at(&store, "c_rich", base + i * 1000).await;
+        decide_at(&store, "c_456", base + i * 1000 + 500).await;
+    }
+    assert_eq!(count(&store, "c_rich", 0, 100).await, 5);
+    assert_eq!(count(&store, "c_456", 0, 100).await, 5);
+    // The window starts at a decision (inclusive) or between two.
+    assert_eq!(count(&store, "c_rich", base + 3000, 100).await, 3);
+    assert_eq!(count(&store, "c_rich", base + 3001, 100).await, 2);
+    assert_eq!(count(&store, "c_rich", base + 6000, 100).await, 0);
+    // Counted up to the limit and no further.
+    assert_eq!(count(&store, "c_rich", 0, 4).await, 4);
+    assert_eq!(count(&store, "c_rich", 0, 5).await, 5);
+    assert_eq!(count(&store, "c_rich", 0, 1).await, 1);
+    assert_eq!(count(&store, "c_rich", 0, 0).await, 0);
+    assert_eq!(count(&store, "c_rich", base + 4000, 1).await, 1);
+    // A customer with no decisions counts none.
+    assert_eq!(count(&store, "c_123", 0, 100).await, 0);
+    store.close().await;
+}
+
+async fn decisions_made_together_are_each_counted(backend: Backend) {
+    let (store, _dir) = fresh_store(backend).await;
+    let now = paynow::store::now_ms();
+    // Concurrent decisions of one customer go to the store together (one SQLite batch, one
+    // PostgreSQL statement), interleaved with another customer's.
+    let sends = (0..24).map(|i| {
+        let store = store.clone();
+        let customer = if i % 3 == 0 { "c_456" } else { "c_rich" };
+        async move { decide_at(&store, customer, now).await }
+    });
+    futures::future::join_all(sends).await;
+    assert_eq!(count(&store, "c_rich", now, 100).await, 16);
+    assert_eq!(count(&store, "c_456", now, 100).await, 8);
+    decide_at(&store, "c_rich", now + 1).await;
+    assert_eq!(count(&store, "c_rich", now, 100).await, 17);
+    assert_eq!(count(&store, "c_rich", now + 1, 100).await, 1);
+    store.close().await;
+}
