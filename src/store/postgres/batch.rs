@@ -10,6 +10,9 @@
 //! At most `parallel` batches run at once, each on a pooled connection of its own; a request
 //! that finds them all busy waits in the queue and leaves with the next batch.
 //!
+//! A request whose caller has stopped waiting for it (its future was dropped) by the time
+//! its batch is formed is left out of the batch.
+//!
 //! A request may name an exclusive key (for example the account a reservation updates): a
 //! batch never holds two requests with the same key, because one statement cannot update one
 //! row twice. The later one waits for the next batch.
@@ -121,6 +124,11 @@ async fn drive<Req: Send + 'static, Resp: Send + 'static>(
         let mut admit = |p: Pending<Req, Resp>,
                          batch: &mut Vec<Pending<Req, Resp>>,
                          deferred: &mut VecDeque<Pending<Req, Resp>>| {
+            // Its caller gave up while it waited (a request past its deadline): it is not
+            // run, so no claim or write is left behind for nobody.
+            if p.reply.is_closed() {
+                return;
+            }
             match exclusive(&p.req) {
                 Some(key) if keys.contains(key) => deferred.push_back(p),
                 Some(key) => {
@@ -147,6 +155,9 @@ async fn drive<Req: Send + 'static, Resp: Send + 'static>(
         }
         again.extend(deferred.drain(..));
         deferred = again;
+        if batch.is_empty() {
+            continue;
+        }
         let run = run.clone();
         tokio::spawn(async move {
             let (reqs, replies): (Vec<Req>, Vec<_>) =
@@ -240,6 +251,36 @@ mod tests {
             let keys: HashSet<&str> = batch.iter().map(|(k, _)| k.as_str()).collect();
             assert_eq!(keys.len(), batch.len(), "a key twice in {batch:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_caller_gave_up_while_it_waited_is_not_run() {
+        let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ran.clone();
+        let batcher = Arc::new(Batcher::start(
+            64,
+            1,
+            |_: &u32| None,
+            move |batch: Vec<u32>| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().extend(batch.iter().copied());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    batch.into_iter().map(Ok).collect()
+                }
+            },
+        ));
+        // The first batch holds the only slot while the others queue.
+        let first = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.call(1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), batcher.call(2)).await;
+        assert!(gave_up.is_err(), "still queued behind the first batch");
+        let third = batcher.call(3).await.unwrap();
+        assert_eq!((first.await.unwrap().unwrap(), third), (1, 3));
+        assert_eq!(*ran.lock().unwrap(), [1, 3]);
     }
 
     #[tokio::test]
