@@ -399,54 +399,42 @@ fn stored_response(
     .map_err(unavailable)
 }
 
-/// What both tools need about one payment, in one statement.
+/// What both tools need about one payment: the account with its risk columns and this
+/// payee's familiarity in one statement, then the velocity count.
 fn read_payment(db: &Db<'_>, request: &ReadsRequest) -> Result<PaymentReads, StoreError> {
     let row = db
         .query_opt(
-            // The velocity count walks the customer's decisions newest first (migration 0004)
-            // while they are in the window, and no further than the rule's limit.
-            "WITH RECURSIVE recent (prev_id) AS (
-                 SELECT d.prev_id FROM accounts a JOIN decisions d ON d.id = a.last_decision
-                 WHERE a.customer_id = ?1 AND d.created_ms >= ?3
-                 UNION ALL
-                 SELECT d.prev_id FROM recent r JOIN decisions d ON d.id = r.prev_id
-                 WHERE d.created_ms >= ?3
-                 LIMIT ?4
-             )
-             SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
+            "SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
                     a.recent_disputes, a.device_change, a.home_country,
                     EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = ?1 AND k.payee_id = ?2),
-                    (SELECT count(*) FROM recent)
+                    a.last_decision
              FROM accounts a WHERE a.customer_id = ?1",
-            params![
-                request.customer.as_str(),
-                request.payee.as_str(),
-                request.velocity_since_ms,
-                request.velocity_cap
-            ],
+            params![request.customer.as_str(), request.payee.as_str()],
             |r| {
-                    Ok((
-                        (
-                            r.get::<_, String>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, i64>(3)?,
-                            r.get::<_, i64>(4)?,
-                        ),
-                        RiskProfile {
-                            recent_disputes: r.get(5)?,
-                            device_change: r.get(6)?,
-                            home_country: r.get(7)?,
-                            known_payee: r.get(8)?,
-                            recent_payments: r.get(9)?,
-                        },
-                    ))
+                Ok((
+                    (
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ),
+                    RiskProfile {
+                        recent_disputes: r.get(5)?,
+                        device_change: r.get(6)?,
+                        home_country: r.get(7)?,
+                        known_payee: r.get(8)?,
+                        recent_payments: 0,
+                    },
+                    r.get::<_, Option<i64>>(9)?,
+                ))
             },
         )
         .map_err(unavailable)?;
-    let Some(((currency, balance, reserved, day, outflow), risk)) = row else {
+    let Some(((currency, balance, reserved, day, outflow), mut risk, newest)) = row else {
         return Ok(PaymentReads::default());
     };
+    risk.recent_payments = recent_payments(db, newest, request).map_err(unavailable)?;
     let currency = Currency::parse(&currency)
         .map_err(|_| StoreError::Internal(format!("account has bad currency {currency:?}")))?;
     Ok(PaymentReads {
@@ -459,6 +447,34 @@ fn read_payment(db: &Db<'_>, request: &ReadsRequest) -> Result<PaymentReads, Sto
         }),
         risk: Some(risk),
     })
+}
+
+/// The customer's decisions since the window's start, counted by walking back from the
+/// newest along each one's link to the previous (migration 0004): one lookup by primary key
+/// per decision in the window, and no more than the rule's limit.
+fn recent_payments(
+    db: &Db<'_>,
+    newest: Option<i64>,
+    request: &ReadsRequest,
+) -> rusqlite::Result<u32> {
+    let mut count = 0;
+    let mut next = newest;
+    while count < request.velocity_cap {
+        let Some(id) = next else { break };
+        let step = db.query_opt(
+            "SELECT prev_id, created_ms FROM decisions WHERE id = ?1",
+            params![id],
+            |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?)),
+        )?;
+        match step {
+            Some((prev, at)) if at >= request.velocity_since_ms => {
+                count += 1;
+                next = prev;
+            }
+            _ => break,
+        }
+    }
+    Ok(count)
 }
 
 /// Where a claim's trip to the writer ended.
