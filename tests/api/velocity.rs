@@ -108,6 +108,17 @@ async fn counts_a_customers_decisions_in_the_window_up_to_the_limit(backend: Bac
     assert_eq!(count(&store, "c_rich", base + 4000, 1).await, 1);
     // A customer with no decisions counts none.
     assert_eq!(count(&store, "c_123", 0, 100).await, 0);
+    // A request that started earlier may commit later: it still counts, and does not hide
+    // the ones before it.
+    decide_at(&store, "c_123", base + 2000).await;
+    decide_at(&store, "c_123", base + 1000).await;
+    assert_eq!(count(&store, "c_123", base + 1500, 100).await, 1);
+    assert_eq!(count(&store, "c_123", base + 500, 100).await, 2);
+    assert_eq!(count(&store, "c_123", base + 2001, 100).await, 0);
+    decide_at(&store, "c_123", base + 3000).await;
+    assert_eq!(count(&store, "c_123", base + 1500, 100).await, 2);
+    assert_eq!(count(&store, "c_123", base + 1000, 100).await, 3);
+    assert_eq!(count(&store, "c_123", base + 1000, 2).await, 2);
     store.close().await;
 }
 

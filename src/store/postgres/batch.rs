@@ -256,28 +256,35 @@ mod tests {
     #[tokio::test]
     async fn a_request_whose_caller_gave_up_while_it_waited_is_not_run() {
         let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = ran.clone();
+        // The first batch holds the only slot until the test lets it go.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (seen, held) = (ran.clone(), gate.clone());
         let batcher = Arc::new(Batcher::start(
             64,
             1,
             |_: &u32| None,
             move |batch: Vec<u32>| {
-                let seen = seen.clone();
+                let (seen, held) = (seen.clone(), held.clone());
                 async move {
                     seen.lock().unwrap().extend(batch.iter().copied());
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if batch.contains(&1) {
+                        let _ = held.acquire().await;
+                    }
                     batch.into_iter().map(Ok).collect()
                 }
             },
         ));
-        // The first batch holds the only slot while the others queue.
         let first = tokio::spawn({
             let batcher = batcher.clone();
             async move { batcher.call(1).await }
         });
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        while ran.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Queued behind the held batch, so it cannot have run when its caller gives up.
         let gave_up = tokio::time::timeout(Duration::from_millis(5), batcher.call(2)).await;
-        assert!(gave_up.is_err(), "still queued behind the first batch");
+        assert!(gave_up.is_err());
+        gate.add_permits(1);
         let third = batcher.call(3).await.unwrap();
         assert_eq!((first.await.unwrap().unwrap(), third), (1, 3));
         assert_eq!(*ran.lock().unwrap(), [1, 3]);

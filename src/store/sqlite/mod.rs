@@ -333,8 +333,9 @@ fn apply_decision(
 
     // Linked to the customer's previous decision, for the velocity count (migration 0004).
     db.execute(
-        "INSERT INTO decisions (prev_id, request_id, customer_id, payee_id, amount_minor, currency, decision, reasons, created_ms)
-         VALUES ((SELECT last_decision FROM accounts WHERE customer_id = ?2), ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO decisions (prev_id, newest_ms, request_id, customer_id, payee_id, amount_minor, currency, decision, reasons, created_ms)
+         SELECT a.last_decision, max(?8, coalesce(a.last_decision_ms, ?8)), ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+         FROM (SELECT 1) LEFT JOIN accounts a ON a.customer_id = ?2",
         params![
             rec.request_id.as_str(),
             customer,
@@ -347,8 +348,10 @@ fn apply_decision(
         ],
     )?;
     db.execute(
-        "UPDATE accounts SET last_decision = last_insert_rowid() WHERE customer_id = ?1",
-        params![customer],
+        "UPDATE accounts SET last_decision = last_insert_rowid(),
+                             last_decision_ms = max(coalesce(last_decision_ms, ?2), ?2)
+         WHERE customer_id = ?1",
+        params![customer, rec.now_ms],
     )?;
 
     Ok(CommitOutcome::Committed(Box::new(Committed {
@@ -407,7 +410,7 @@ fn read_payment(db: &Db<'_>, request: &ReadsRequest) -> Result<PaymentReads, Sto
             "SELECT a.currency, a.balance_minor, a.reserved_minor, a.outflow_day, a.outflow_minor,
                     a.recent_disputes, a.device_change, a.home_country,
                     EXISTS (SELECT 1 FROM known_payees k WHERE k.customer_id = ?1 AND k.payee_id = ?2),
-                    a.last_decision
+                    a.last_decision, a.last_decision_ms
              FROM accounts a WHERE a.customer_id = ?1",
             params![request.customer.as_str(), request.payee.as_str()],
             |r| {
@@ -426,7 +429,10 @@ fn read_payment(db: &Db<'_>, request: &ReadsRequest) -> Result<PaymentReads, Sto
                         known_payee: r.get(8)?,
                         recent_payments: 0,
                     },
-                    r.get::<_, Option<i64>>(9)?,
+                    Newest {
+                        id: r.get(9)?,
+                        at_ms: r.get(10)?,
+                    },
                 ))
             },
         )
@@ -449,30 +455,40 @@ fn read_payment(db: &Db<'_>, request: &ReadsRequest) -> Result<PaymentReads, Sto
     })
 }
 
+/// The account's newest decision and the latest `created_ms` of all of its decisions.
+struct Newest {
+    id: Option<i64>,
+    at_ms: Option<i64>,
+}
+
 /// The customer's decisions since the window's start, counted by walking back from the
 /// newest along each one's link to the previous (migration 0004): one lookup by primary key
-/// per decision in the window, and no more than the rule's limit.
-fn recent_payments(
-    db: &Db<'_>,
-    newest: Option<i64>,
-    request: &ReadsRequest,
-) -> rusqlite::Result<u32> {
+/// per step, no more steps than the rule's limit, and none once no earlier decision can be
+/// in the window (`newest_ms`, the latest start among it and those before it, is older).
+fn recent_payments(db: &Db<'_>, newest: Newest, request: &ReadsRequest) -> rusqlite::Result<u32> {
+    let since = request.velocity_since_ms;
+    if newest.at_ms.is_none_or(|at| at < since) {
+        return Ok(0);
+    }
     let mut count = 0;
-    let mut next = newest;
+    let mut next = newest.id;
     while count < request.velocity_cap {
         let Some(id) = next else { break };
         let step = db.query_opt(
-            "SELECT prev_id, created_ms FROM decisions WHERE id = ?1",
-            params![id],
-            |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?)),
+            "SELECT prev_id, newest_ms, created_ms FROM decisions WHERE id = ?1 AND customer_id = ?2",
+            params![id, request.customer.as_str()],
+            |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
         )?;
-        match step {
-            Some((prev, at)) if at >= request.velocity_since_ms => {
-                count += 1;
-                next = prev;
-            }
-            _ => break,
+        let Some((prev, newest_ms, created_ms)) = step else {
+            break;
+        };
+        if newest_ms < since {
+            break;
         }
+        if created_ms >= since {
+            count += 1;
+        }
+        next = prev;
     }
     Ok(count)
 }
@@ -1130,10 +1146,11 @@ mod tests {
                      VALUES ('req_old', ?1, 'p_789', 100, 'USD', 'allow', '[]', ?2)",
                 )
                 .unwrap();
+            // c_123's second decision started before its first (it committed later).
             for (customer, at) in [
-                ("c_123", 1000),
-                ("c_456", 1500),
                 ("c_123", 2000),
+                ("c_456", 1500),
+                ("c_123", 1000),
                 ("c_456", 2500),
                 ("c_123", 3000),
             ] {
@@ -1158,6 +1175,9 @@ mod tests {
         };
         assert_eq!(count("c_123", 0, 100).await, 3);
         assert_eq!(count("c_123", 2000, 100).await, 2);
+        assert_eq!(count("c_123", 1500, 100).await, 2);
+        assert_eq!(count("c_123", 999, 100).await, 3);
+        assert_eq!(count("c_123", 3001, 100).await, 0);
         assert_eq!(count("c_123", 0, 2).await, 2);
         assert_eq!(count("c_456", 0, 100).await, 2);
         assert_eq!(count("c_rich", 0, 100).await, 0);
@@ -1169,24 +1189,34 @@ mod tests {
         ));
         assert_eq!(count("c_123", 0, 100).await, 4);
         assert_eq!(count("c_123", 2500, 100).await, 2);
-        let ids: Vec<(i64, Option<i64>)> = store
+        let links: Vec<(i64, Option<i64>, i64)> = store
             .read(|c| {
-                c.prepare("SELECT id, prev_id FROM decisions ORDER BY id")?
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                c.prepare("SELECT id, prev_id, newest_ms FROM decisions WHERE id <= 5 ORDER BY id")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .collect()
             })
             .unwrap();
         assert_eq!(
-            ids,
+            links,
             [
-                (1, None),
-                (2, None),
-                (3, Some(1)),
-                (4, Some(2)),
-                (5, Some(3)),
-                (6, Some(5))
+                (1, None, 2000),
+                (2, None, 1500),
+                (3, Some(1), 2000),
+                (4, Some(2), 2500),
+                (5, Some(3), 3000)
             ]
         );
+        let newest: (Option<i64>, Option<i64>) = store
+            .read(|c| {
+                c.query_row(
+                    "SELECT prev_id, (SELECT last_decision FROM accounts WHERE customer_id = 'c_123')
+                     FROM decisions WHERE id = 6",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .unwrap();
+        assert_eq!(newest, (Some(5), Some(6)));
     }
 
     #[test]
