@@ -300,10 +300,10 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Option<Lookup>, StoreError>;
 
-    /// What both tools need about one payment, read in one statement (one snapshot, one
-    /// round trip): the account's balance side and its risk profile, with this payee's
-    /// familiarity and the payments since `velocity_since_ms` (up to `velocity_cap`). Both are `None` when there is
-    /// no such account.
+    /// What both tools need about one payment, read in one snapshot and one round trip:
+    /// the account's balance side and its risk profile, with this payee's familiarity and
+    /// the payments since `velocity_since_ms` (up to `velocity_cap`). Both are `None` when
+    /// there is no such account.
     async fn payment_reads(&self, request: &ReadsRequest) -> Result<PaymentReads, StoreError>;
 
     /// Writes the reservation (allow) or the case (review/block), the decision and the

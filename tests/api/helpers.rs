@@ -363,3 +363,36 @@ macro_rules! on_every_backend {
         }
     };
 }
+
+/// A record an instance would commit for `payment` under `scope`: `decision` with one reason
+/// if it is not an allow, decided at `now_ms`.
+pub fn decision_record(
+    scope: &paynow::store::IdempotencyScope,
+    payment: &paynow::domain::Payment,
+    fingerprint: [u8; 32],
+    decision: paynow::domain::Decision,
+    now_ms: i64,
+) -> paynow::store::DecisionRecord {
+    use paynow::domain::{Decision, Reason, RequestId, TraceStep, new_id};
+    let reasons = match decision {
+        Decision::Allow => Vec::new(),
+        _ => vec![Reason::RecentDisputes],
+    };
+    paynow::store::DecisionRecord {
+        scope: scope.clone(),
+        fingerprint,
+        request_id: RequestId::generate(),
+        payment: payment.clone(),
+        outcome: paynow::agent::Outcome {
+            decision,
+            reasons,
+            trace: vec![TraceStep::new("plan", "Check balance, risk, and limits")],
+            failed_tools: Vec::new(),
+        },
+        reservation_id: new_id("res"),
+        case_id: new_id("case"),
+        now_ms,
+        idempotency_expires_ms: now_ms + 86_400_000,
+        daily_limit_minor: 1_000_000,
+    }
+}

@@ -5,17 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use paynow::Config;
-use paynow::agent::Outcome;
-use paynow::domain::{
-    Currency, CustomerId, Decision, IdempotencyKey, Money, PayeeId, Payment, RequestId, TraceStep,
-};
+use paynow::domain::{Currency, CustomerId, Decision, IdempotencyKey, Money, PayeeId, Payment};
 use paynow::store::postgres::PostgresOptions;
 use paynow::store::{Begin, CommitOutcome, DecisionRecord, IdempotencyScope, now_ms};
 use serde_json::Value;
 
 use crate::helpers::{
-    API_KEY, Backend, PrivateRedis, TestApp, no_rate_limit, payment, redis_available, redis_url,
-    start, use_redis,
+    API_KEY, Backend, PrivateRedis, TestApp, decision_record, no_rate_limit, payment,
+    redis_available, redis_url, start, use_redis,
 };
 
 /// Both PostgreSQL and Redis are needed; says so (or fails in CI) when one is missing.
@@ -297,30 +294,13 @@ async fn requests_keep_being_answered_when_redis_stops_mid_run() {
     b.stop().await;
 }
 
-/// A record an instance would commit for `payment` under `scope`.
+/// An allow an instance would commit for `payment` under `scope`, now.
 fn allow_record(
     scope: &IdempotencyScope,
     payment: &Payment,
     fingerprint: [u8; 32],
 ) -> DecisionRecord {
-    let now = now_ms();
-    DecisionRecord {
-        scope: scope.clone(),
-        fingerprint,
-        request_id: RequestId::generate(),
-        payment: payment.clone(),
-        outcome: Outcome {
-            decision: Decision::Allow,
-            reasons: Vec::new(),
-            trace: vec![TraceStep::new("plan", "Check balance, risk, and limits")],
-            failed_tools: Vec::new(),
-        },
-        reservation_id: paynow::domain::new_id("res"),
-        case_id: paynow::domain::new_id("case"),
-        now_ms: now,
-        idempotency_expires_ms: now + 86_400_000,
-        daily_limit_minor: 1_000_000,
-    }
+    decision_record(scope, payment, fingerprint, Decision::Allow, now_ms())
 }
 
 /// Two stores (as two instances would hold) on one fresh PostgreSQL database, with this

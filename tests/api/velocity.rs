@@ -1,16 +1,10 @@
 //! The velocity count at the store, on each engine: a customer's decisions in the window,
 //! counted up to the rule's limit, whatever else is written around them.
 
-use paynow::agent::Outcome;
-use paynow::domain::{
-    Currency, CustomerId, Decision, IdempotencyKey, Money, PayeeId, Payment, Reason, RequestId,
-    TraceStep,
-};
-use paynow::store::{
-    Begin, CommitOutcome, DecisionRecord, DynStore, IdempotencyScope, ReadsRequest,
-};
+use paynow::domain::{Currency, CustomerId, Decision, IdempotencyKey, Money, PayeeId, Payment};
+use paynow::store::{Begin, CommitOutcome, DynStore, IdempotencyScope, ReadsRequest};
 
-use crate::helpers::Backend;
+use crate::helpers::{Backend, decision_record};
 
 /// A reviewed payment of `customer` decided at `at_ms` (a review reserves nothing, so any
 /// number of them fit).
@@ -34,23 +28,7 @@ async fn decide_at(store: &DynStore, customer: &str, at_ms: i64) {
     else {
         panic!("a fresh key is free");
     };
-    let record = DecisionRecord {
-        scope,
-        fingerprint,
-        request_id: RequestId::generate(),
-        payment,
-        outcome: Outcome {
-            decision: Decision::Review,
-            reasons: vec![Reason::RecentDisputes],
-            trace: vec![TraceStep::new("plan", "Check balance, risk, and limits")],
-            failed_tools: Vec::new(),
-        },
-        reservation_id: paynow::domain::new_id("res"),
-        case_id: paynow::domain::new_id("case"),
-        now_ms: at_ms,
-        idempotency_expires_ms: at_ms + 86_400_000,
-        daily_limit_minor: 1_000_000,
-    };
+    let record = decision_record(&scope, &payment, fingerprint, Decision::Review, at_ms);
     let committed = store.commit_decision(record).await.unwrap();
     assert!(matches!(committed, CommitOutcome::Committed(_)));
     drop(claim);

@@ -1217,6 +1217,30 @@ mod tests {
             })
             .unwrap();
         assert_eq!(newest, (Some(5), Some(6)));
+        // The rebuilt table keeps every column of the old rows: it is the audit log.
+        let kept: Vec<String> = store
+            .read(|c| {
+                c.prepare(
+                    "SELECT concat_ws(' ', request_id, customer_id, payee_id, amount_minor, currency,
+                                      decision, reasons, created_ms)
+                     FROM decisions WHERE id <= 5 ORDER BY id",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect()
+            })
+            .unwrap();
+        let old =
+            |customer: &str, at: i64| format!("req_old {customer} p_789 100 USD allow [] {at}");
+        assert_eq!(
+            kept,
+            [
+                old("c_123", 2000),
+                old("c_456", 1500),
+                old("c_123", 1000),
+                old("c_456", 2500),
+                old("c_123", 3000)
+            ]
+        );
     }
 
     #[test]
