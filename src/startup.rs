@@ -11,7 +11,7 @@ use crate::agent::tools::{
     BalanceTool, Fault, RiskTool, StoreBalance, StoreRiskSignals, WithFault,
 };
 use crate::config::Config;
-use crate::http::{AppState, router};
+use crate::http::{App, AppState, router};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::ratelimit::DynLimiter;
@@ -76,13 +76,13 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         api_keys = config.api_keys_count(),
         faults = config.faults.len(),
     );
-    Ok(AppState {
+    Ok(AppState::new(App {
         config: Arc::new(config),
         store,
         limiter,
         agent,
         metrics,
-    })
+    }))
 }
 
 /// Serves until `shutdown` resolves, then finishes in-flight requests and closes the store.

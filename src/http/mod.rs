@@ -35,14 +35,30 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// Everything a handler needs; cheap to clone.
+/// Everything a handler needs, behind one `Arc`: the router clones it for every extractor
+/// and middleware of every request, and one shared count costs less than one per part.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<App>);
+
+pub struct App {
     pub config: Arc<Config>,
     pub store: DynStore,
     pub limiter: DynLimiter,
     pub agent: Arc<Agent>,
     pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(app: App) -> Self {
+        AppState(Arc::new(app))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
 }
 
 /// The authenticated caller: the API key's name. Idempotency keys are scoped by it.
