@@ -77,7 +77,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         faults = config.faults.len(),
     );
     Ok(AppState::new(App {
-        config: Arc::new(config),
+        config,
         store,
         limiter,
         agent,

@@ -35,13 +35,14 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// Everything a handler needs, behind one `Arc`: the router clones it for every extractor
+/// The handler's state: one `Arc` around [`App`]. The router clones it for every extractor
 /// and middleware of every request, and one shared count costs less than one per part.
 #[derive(Clone)]
 pub struct AppState(Arc<App>);
 
+/// Everything a handler needs.
 pub struct App {
-    pub config: Arc<Config>,
+    pub config: Config,
     pub store: DynStore,
     pub limiter: DynLimiter,
     pub agent: Arc<Agent>,
