@@ -308,6 +308,14 @@ fn allow_record(
 async fn two_stores_on_one_database(
     claim_lease: Duration,
 ) -> (paynow::store::DynStore, paynow::store::DynStore) {
+    let (first, second, _) = two_stores_and_their_database(claim_lease).await;
+    (first, second)
+}
+
+/// [`two_stores_on_one_database`], and the database's URL.
+async fn two_stores_and_their_database(
+    claim_lease: Duration,
+) -> (paynow::store::DynStore, paynow::store::DynStore, String) {
     let dir = tempfile::tempdir().unwrap();
     let url = Backend::Postgres.fresh_database(dir.path()).await;
     let options = PostgresOptions {
@@ -318,7 +326,7 @@ async fn two_stores_on_one_database(
         .await
         .unwrap();
     let second = paynow::store::open_with(&url, options).await.unwrap();
-    (first, second)
+    (first, second, url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,6 +454,73 @@ async fn a_claim_released_without_commit_frees_its_key_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(freed, "the released key was still blocked after 2 s");
+    first.close().await;
+    second.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_while_its_claim_is_being_written_leaves_no_claim_behind() {
+    if !Backend::Postgres.available() {
+        return;
+    }
+    // A long lease: only a release can free the key within this test.
+    let (first, second, url) = two_stores_and_their_database(Duration::from_secs(600)).await;
+    let scope = IdempotencyScope {
+        caller: Arc::from("key-test"),
+        key: IdempotencyKey::parse("gave-up-1").unwrap(),
+    };
+    let fingerprint = [9u8; 32];
+    let (locker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let waiting_for_locks = || query_i64(&url, "SELECT count(*) FROM pg_locks WHERE NOT granted");
+
+    // The claim statement reads `accounts`: with that table locked, the claim's batch has
+    // been sent but has not written its row yet.
+    locker
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let claiming = tokio::spawn({
+        let (first, scope) = (first.clone(), scope.clone());
+        async move {
+            first
+                .begin_idempotent(&scope, &fingerprint, now_ms(), None)
+                .await
+        }
+    });
+    let mut blocked = false;
+    for _ in 0..100 {
+        if waiting_for_locks().await > 0 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(blocked, "the claim never reached the database");
+
+    // Its caller gives up (a deadline, a client that hung up). Its release runs at once and
+    // finds nothing to delete: the row is not there yet.
+    claiming.abort();
+    assert!(claiming.await.is_err_and(|e| e.is_cancelled()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+
+    // Now the claim's row is written, for nobody. It must not hold the key for the lease.
+    let mut freed = false;
+    for _ in 0..60 {
+        if let Begin::Fresh(..) = second
+            .begin_idempotent(&scope, &fingerprint, now_ms(), None)
+            .await
+            .unwrap()
+        {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(freed, "the abandoned claim still held its key after 3 s");
     first.close().await;
     second.close().await;
 }

@@ -11,7 +11,9 @@
 //! that finds them all busy waits in the queue and leaves with the next batch.
 //!
 //! A request whose caller has stopped waiting for it (its future was dropped) by the time
-//! its batch is formed is left out of the batch.
+//! its batch is formed is left out of the batch. One whose caller gives up while its batch
+//! runs has its answer handed to the batcher's `undelivered` hook instead, so that what the
+//! statement did for nobody (a claim, say) can be undone.
 //!
 //! A request may name an exclusive key (for example the account a reservation updates): a
 //! batch never holds two requests with the same key, because one statement cannot update one
@@ -50,6 +52,8 @@ pub fn in_order<Resp>(
 type RunBatch<Req, Resp> =
     Arc<dyn Fn(Vec<Req>) -> Pin<Box<dyn Future<Output = Answers<Resp>> + Send>> + Send + Sync>;
 
+type Undelivered<Resp> = Arc<dyn Fn(Resp) + Send + Sync>;
+
 struct Pending<Req, Resp> {
     req: Req,
     reply: oneshot::Sender<Result<Resp, StoreError>>,
@@ -62,12 +66,14 @@ pub struct Batcher<Req, Resp> {
 
 impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// Starts the batching task. `run` executes one batch and answers each request in order;
-    /// `exclusive` gives the key no two requests of one batch may share.
+    /// `exclusive` gives the key no two requests of one batch may share; `undelivered` gets
+    /// each successful answer whose caller stopped waiting while its batch ran.
     pub fn start<F, Fut>(
         max_batch: usize,
         parallel: usize,
         exclusive: fn(&Req) -> Option<&str>,
         run: F,
+        undelivered: impl Fn(Resp) + Send + Sync + 'static,
     ) -> Self
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
@@ -81,6 +87,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
             parallel.max(1),
             exclusive,
             run,
+            Arc::new(undelivered),
         ));
         Batcher { queue }
     }
@@ -103,6 +110,7 @@ async fn drive<Req: Send + 'static, Resp: Send + 'static>(
     parallel: usize,
     exclusive: fn(&Req) -> Option<&str>,
     run: RunBatch<Req, Resp>,
+    undelivered: Undelivered<Resp>,
 ) {
     let slots = Arc::new(Semaphore::new(parallel));
     // Requests that met a taken exclusive key: first in the next batch.
@@ -158,7 +166,7 @@ async fn drive<Req: Send + 'static, Resp: Send + 'static>(
         if batch.is_empty() {
             continue;
         }
-        let run = run.clone();
+        let (run, undelivered) = (run.clone(), undelivered.clone());
         tokio::spawn(async move {
             let (reqs, replies): (Vec<Req>, Vec<_>) =
                 batch.into_iter().map(|p| (p.req, p.reply)).unzip();
@@ -170,7 +178,11 @@ async fn drive<Req: Send + 'static, Resp: Send + 'static>(
                         "a batch of {count} requests was answered short"
                     )))
                 });
-                let _ = reply.send(answer);
+                // Its caller is gone (a deadline, a client that hung up): whatever the
+                // statement did for it is the hook's to undo.
+                if let Err(Ok(unread)) = reply.send(answer) {
+                    undelivered(unread);
+                }
             }
             drop(slot);
         });
@@ -200,6 +212,7 @@ mod tests {
                     batch.into_iter().map(|n| Ok(n * 10)).collect()
                 }
             },
+            |_| {},
         ));
         let calls: Vec<_> = (0..20)
             .map(|n| {
@@ -234,6 +247,7 @@ mod tests {
                     batch.into_iter().map(|(_, n)| Ok(n)).collect()
                 }
             },
+            |_| {},
         ));
         let calls: Vec<_> = (0..30u32)
             .map(|n| {
@@ -273,6 +287,7 @@ mod tests {
                     batch.into_iter().map(Ok).collect()
                 }
             },
+            |_| {},
         ));
         let first = tokio::spawn({
             let batcher = batcher.clone();
@@ -288,6 +303,46 @@ mod tests {
         let third = batcher.call(3).await.unwrap();
         assert_eq!((first.await.unwrap().unwrap(), third), (1, 3));
         assert_eq!(*ran.lock().unwrap(), [1, 3]);
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_caller_gave_up_while_its_batch_ran_goes_to_the_hook() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let running = Arc::new(tokio::sync::Notify::new());
+        let undelivered = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (held, started, lost) = (gate.clone(), running.clone(), undelivered.clone());
+        let batcher = Arc::new(Batcher::start(
+            64,
+            1,
+            |_: &u32| None,
+            move |batch: Vec<u32>| {
+                let (held, started) = (held.clone(), started.clone());
+                async move {
+                    started.notify_one();
+                    let _ = held.acquire().await;
+                    batch.into_iter().map(Ok).collect()
+                }
+            },
+            move |answer: u32| lost.lock().unwrap().push(answer),
+        ));
+        let gives_up = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.call(1).await }
+        });
+        running.notified().await;
+        // The batch holding its request is running: its caller stops waiting.
+        gives_up.abort();
+        assert!(gives_up.await.is_err_and(|e| e.is_cancelled()));
+        gate.add_permits(1);
+        // A later call waits for its answer and gets it; only the abandoned one is handed over.
+        let waits = tokio::spawn({
+            let batcher = batcher.clone();
+            async move { batcher.call(2).await }
+        });
+        running.notified().await;
+        gate.add_permits(1);
+        assert_eq!(waits.await.unwrap().unwrap(), 2);
+        assert_eq!(*undelivered.lock().unwrap(), [1]);
     }
 
     #[tokio::test]
@@ -309,6 +364,7 @@ mod tests {
                     batch.into_iter().map(Ok).collect()
                 }
             },
+            |_| {},
         ));
         let calls: Vec<_> = (0..40)
             .map(|n| {

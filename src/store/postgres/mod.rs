@@ -39,8 +39,9 @@
 //! mismatch), `in_progress` → 409. Commit only proceeds while this request still owns the
 //! row (`owner = token`, locked `FOR UPDATE` in the same statement), so an execution whose
 //! lease ran out and was taken over cannot write anything. A claim dropped without commit
-//! deletes its row in the background; a claim left by a crashed instance stops blocking its
-//! key when its lease expires.
+//! deletes its row in the background; so does a claim whose caller gave up while its batch
+//! was being written (the release then found no row yet, see [`batch`]). A claim left by a
+//! crashed instance stops blocking its key when its lease expires.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -165,14 +166,51 @@ struct ClaimRow {
 
 /// The key's row as the claim left it, and the reads if the claim is ours.
 struct ClaimAnswer {
+    /// Set when the row is this claim's: what releasing it takes.
+    ours: Option<HeldClaim>,
     state: String,
-    owner: Option<String>,
     fingerprint: Vec<u8>,
     status_code: Option<i32>,
     body: Option<Vec<u8>>,
     request_id: Option<String>,
     existed: bool,
     reads: Option<Result<PaymentReads, StoreError>>,
+}
+
+/// An `in_progress` row a claim wrote: its key and owner token.
+struct HeldClaim {
+    caller: Arc<str>,
+    key: String,
+    owner: String,
+}
+
+impl HeldClaim {
+    /// Deletes the row in the background if it is still this claim's and still in progress,
+    /// so a retry need not wait for the lease. Without a runtime (dropped outside async code,
+    /// which is rare) the lease frees the key instead.
+    fn release(self, pool: Pool) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let deleted = async {
+                let client = pool.get().await.map_err(pool_error)?;
+                client
+                    .execute(
+                        "DELETE FROM idempotency
+                         WHERE caller = $1 AND key = $2 AND state = 'in_progress' AND owner = $3",
+                        &[&&*self.caller, &self.key.as_str(), &self.owner.as_str()],
+                    )
+                    .await
+                    .map_err(db_error)
+            }
+            .await;
+            if let Err(e) = deleted {
+                tracing::warn!(event = "idempotency.release_failed", error = %e,
+                    "claim not released; it expires with its lease");
+            }
+        });
+    }
 }
 
 /// One decision to commit, as `COMMIT_BATCH` takes it.
@@ -412,7 +450,17 @@ impl PostgresStore {
                 MAX_BATCH,
                 CLAIM_BATCHES_IN_FLIGHT,
                 |row: &ClaimRow| Some(row.local_key.as_str()),
-                move |rows| run_claims(fast.clone(), rows),
+                {
+                    let fast = fast.clone();
+                    move |rows| run_claims(fast.clone(), rows)
+                },
+                // The caller gave up while its claim was being written: its own release may
+                // have run before the row existed, so the row is released here.
+                move |answer: ClaimAnswer| {
+                    if let Some(held) = answer.ours {
+                        held.release(fast.clone());
+                    }
+                },
             )
         };
         let commit_batches = {
@@ -423,6 +471,8 @@ impl PostgresStore {
                 // One statement cannot reserve twice on one account.
                 |row: &CommitRow| row.allow.then_some(row.customer.as_str()),
                 move |rows| run_commits(pool.clone(), rows),
+                // A commit is the truth whoever waits for it: a retry replays it.
+                |_| {},
             )
         };
         Ok(PostgresStore {
@@ -469,29 +519,12 @@ impl PostgresStore {
             }
             held.remove(&key);
             drop(held);
-            // Dropping happens in async code almost always; without a runtime the lease
-            // releases the key instead.
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                return;
-            };
-            runtime.spawn(async move {
-                let deleted = async {
-                    let client = pool.get().await.map_err(pool_error)?;
-                    client
-                        .execute(
-                            "DELETE FROM idempotency
-                             WHERE caller = $1 AND key = $2 AND state = 'in_progress' AND owner = $3",
-                            &[&&*scope.caller, &scope.key.as_str(), &token],
-                        )
-                        .await
-                        .map_err(db_error)
-                }
-                .await;
-                if let Err(e) = deleted {
-                    tracing::warn!(event = "idempotency.release_failed", error = %e,
-                        "claim not released; it expires with its lease");
-                }
-            });
+            HeldClaim {
+                caller: scope.caller,
+                key: scope.key.as_str().to_owned(),
+                owner: token,
+            }
+            .release(pool);
         })
     }
 
@@ -917,9 +950,18 @@ async fn run_claims(pool: Pool, rows: Vec<ClaimRow>) -> Answers<ClaimAnswer> {
                 _ => None,
             };
             if let Some(slot) = answers.get_mut(at) {
+                let owner: Option<String> = col(row, 2)?;
+                let ours = rows
+                    .get(at)
+                    .filter(|asked| owner.as_deref() == Some(asked.owner.as_str()))
+                    .map(|asked| HeldClaim {
+                        caller: asked.caller.clone(),
+                        key: asked.key.clone(),
+                        owner: asked.owner.clone(),
+                    });
                 *slot = Some(ClaimAnswer {
+                    ours,
                     state: col(row, 1)?,
-                    owner: col(row, 2)?,
                     fingerprint: col(row, 3)?,
                     status_code: col(row, 4)?,
                     body: col(row, 5)?,
@@ -1027,7 +1069,7 @@ impl Store for PostgresStore {
                 reads: reads.cloned(),
             })
             .await?;
-        if answer.owner.as_deref() == Some(token.as_str()) {
+        if answer.ours.is_some() {
             if answer.existed && answer.state == "in_progress" {
                 tracing::debug!(event = "idempotency.claimed_expired_row");
             }
