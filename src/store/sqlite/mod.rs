@@ -188,13 +188,39 @@ impl SqliteStore {
     }
 }
 
-const RESERVE: &str = "UPDATE accounts
+/// Reserves `?1` on the account of customer `?3` in currency `?4`, on UTC day `?2`, if the
+/// funds are available and the day's outflow stays within `?5`; `$also` are further
+/// assignments of the same update.
+macro_rules! reserve_sql {
+    ($also:literal) => {
+        concat!(
+            "UPDATE accounts
     SET reserved_minor = reserved_minor + ?1,
         outflow_minor = CASE WHEN outflow_day = ?2 THEN outflow_minor + ?1 ELSE ?1 END,
-        outflow_day = ?2
+        outflow_day = ?2",
+            $also,
+            "
     WHERE customer_id = ?3 AND currency = ?4
       AND balance_minor - reserved_minor >= ?1
-      AND (CASE WHEN outflow_day = ?2 THEN outflow_minor ELSE 0 END) + ?1 <= ?5";
+      AND (CASE WHEN outflow_day = ?2 THEN outflow_minor ELSE 0 END) + ?1 <= ?5"
+        )
+    };
+}
+
+const RESERVE: &str = reserve_sql!("");
+
+/// [`RESERVE`], and the account's link to its newest decision (`?6`, made at `?7`) for the
+/// velocity count, in the same update: an allow's account row is written once.
+const RESERVE_AND_LINK: &str = reserve_sql!(
+    ",
+        last_decision = ?6,
+        last_decision_ms = max(coalesce(last_decision_ms, ?7), ?7)"
+);
+
+/// The account's link to its newest decision (`?2`, made at `?3`), for the velocity count.
+const LINK: &str = "UPDATE accounts SET last_decision = ?2,
+                             last_decision_ms = max(coalesce(last_decision_ms, ?3), ?3)
+         WHERE customer_id = ?1";
 
 const STORE_RESPONSE: &str = "INSERT INTO idempotency
         (caller, key, fingerprint, status_code, body, request_id, created_ms, expires_ms)
@@ -213,13 +239,21 @@ struct Rendered {
     body: Vec<u8>,
     /// The trace as stored with a case; `None` for an allow.
     trace: Option<String>,
+    /// The payee was among the customer's known payees when the decision's reads were made
+    /// in this transaction (they are never removed), so an allow need not add it.
+    payee_known: bool,
 }
 
 impl Rendered {
-    fn new(rec: DecisionRecord) -> Self {
+    fn new(rec: DecisionRecord, payee_known: bool) -> Self {
         let body = rec.response_body();
         let trace = (rec.outcome.decision != Decision::Allow).then(|| trace_json(&rec));
-        Rendered { rec, body, trace }
+        Rendered {
+            rec,
+            body,
+            trace,
+            payee_known,
+        }
     }
 }
 
@@ -228,14 +262,17 @@ fn trace_json(rec: &DecisionRecord) -> String {
 }
 
 /// Writes one decision. The idempotency record goes first: if the key already holds a live
-/// answer, nothing at all is written. Then the reservation (or its refusal, which turns the
-/// answer into a block and rewrites the stored body), the case, the audit row.
+/// answer, nothing at all is written. Then the audit row, linked to the customer's previous
+/// decision; then the reservation, which also points the account at that row (or its
+/// refusal, which turns the answer into a block and rewrites the stored body and the audit
+/// row), and the case.
 fn apply_decision(
     db: &Db<'_>,
     Rendered {
         mut rec,
         mut body,
         trace,
+        payee_known,
     }: Rendered,
 ) -> rusqlite::Result<CommitOutcome> {
     let customer = rec.payment.customer.as_str();
@@ -265,13 +302,42 @@ fn apply_decision(
         return Ok(CommitOutcome::Duplicate);
     }
 
+    let mut reasons = reasons_json(&rec.outcome.reasons);
+    // Linked to the customer's previous decision, for the velocity count (migration 0004).
+    db.execute(
+        "INSERT INTO decisions (prev_id, newest_ms, request_id, customer_id, payee_id, amount_minor, currency, decision, reasons, created_ms)
+         SELECT a.last_decision, max(?8, coalesce(a.last_decision_ms, ?8)), ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+         FROM (SELECT 1) LEFT JOIN accounts a ON a.customer_id = ?2",
+        params![
+            rec.request_id.as_str(),
+            customer,
+            payee,
+            amount,
+            currency,
+            rec.outcome.decision.as_str(),
+            reasons,
+            rec.now_ms
+        ],
+    )?;
+    let decision_id = db.last_insert_rowid();
+
+    let mut linked = false;
     let mut trace = trace;
     if rec.outcome.decision == Decision::Allow {
         let reserved = db.execute(
-            RESERVE,
-            params![amount, day, customer, currency, rec.daily_limit_minor],
+            RESERVE_AND_LINK,
+            params![
+                amount,
+                day,
+                customer,
+                currency,
+                rec.daily_limit_minor,
+                decision_id,
+                rec.now_ms
+            ],
         )?;
         if reserved == 1 {
+            linked = true;
             db.execute(
                 "INSERT INTO reservations (id, customer_id, payee_id, amount_minor, currency, request_id, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -285,10 +351,12 @@ fn apply_decision(
                     rec.now_ms
                 ],
             )?;
-            db.execute(
-                "INSERT OR IGNORE INTO known_payees (customer_id, payee_id) VALUES (?1, ?2)",
-                params![customer, payee],
-            )?;
+            if !payee_known {
+                db.execute(
+                    "INSERT OR IGNORE INTO known_payees (customer_id, payee_id) VALUES (?1, ?2)",
+                    params![customer, payee],
+                )?;
+            }
             reservation_id = Some(rec.reservation_id.clone());
         } else {
             let now: Option<(i64, i64)> = db.query_opt(
@@ -302,14 +370,21 @@ fn apply_decision(
             super::refuse_reservation(&rec.payment, &mut rec.outcome, available, outflow);
             body = rec.response_body();
             trace = None;
+            reasons = reasons_json(&rec.outcome.reasons);
             db.execute(
                 "UPDATE idempotency SET body = ?3 WHERE caller = ?1 AND key = ?2",
                 params![caller, key, &body],
             )?;
+            db.execute(
+                "UPDATE decisions SET decision = ?2, reasons = ?3 WHERE id = ?1",
+                params![decision_id, rec.outcome.decision.as_str(), reasons],
+            )?;
         }
     }
+    if !linked {
+        db.execute(LINK, params![customer, decision_id, rec.now_ms])?;
+    }
 
-    let reasons = reasons_json(&rec.outcome.reasons);
     if rec.outcome.decision != Decision::Allow {
         let trace = trace.unwrap_or_else(|| trace_json(&rec));
         db.execute(
@@ -330,29 +405,6 @@ fn apply_decision(
         )?;
         case_id = Some(rec.case_id.clone());
     }
-
-    // Linked to the customer's previous decision, for the velocity count (migration 0004).
-    db.execute(
-        "INSERT INTO decisions (prev_id, newest_ms, request_id, customer_id, payee_id, amount_minor, currency, decision, reasons, created_ms)
-         SELECT a.last_decision, max(?8, coalesce(a.last_decision_ms, ?8)), ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
-         FROM (SELECT 1) LEFT JOIN accounts a ON a.customer_id = ?2",
-        params![
-            rec.request_id.as_str(),
-            customer,
-            payee,
-            amount,
-            currency,
-            rec.outcome.decision.as_str(),
-            reasons,
-            rec.now_ms
-        ],
-    )?;
-    db.execute(
-        "UPDATE accounts SET last_decision = last_insert_rowid(),
-                             last_decision_ms = max(coalesce(last_decision_ms, ?2), ?2)
-         WHERE customer_id = ?1",
-        params![customer, rec.now_ms],
-    )?;
 
     Ok(CommitOutcome::Committed(Box::new(Committed {
         outcome: rec.outcome,
@@ -538,7 +590,8 @@ impl SqliteStore {
                 if let (Some(Ok(fetched)), Some(decide)) = (&fetched, decide)
                     && let Some(record) = decide(fetched)
                 {
-                    let rendered = Rendered::new(record);
+                    let payee_known = fetched.risk.as_ref().is_some_and(|r| r.known_payee);
+                    let rendered = Rendered::new(record, payee_known);
                     return ReadThen::Write(Box::new(move |db| {
                         apply_decision(db, rendered).map(Trip::Decided)
                     }));
@@ -619,7 +672,8 @@ impl Store for SqliteStore {
     }
 
     async fn commit_decision(&self, record: DecisionRecord) -> Result<CommitOutcome, StoreError> {
-        let rendered = Rendered::new(record);
+        // What the reads found is not in the record: the payee is added unless it is there.
+        let rendered = Rendered::new(record, false);
         self.writer
             .write(move |db| apply_decision(db, rendered))
             .await
@@ -1082,6 +1136,102 @@ mod tests {
         ));
         gate.open(100);
         store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_allow_links_its_account_to_its_audit_row_and_one_refused_at_commit_is_audited_as_a_block()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, gate) = gated_store(dir.path()).await;
+        gate.open(100);
+        // An allow of `amount` by `customer` to `payee`, decided in its claim's trip from the
+        // reads made there.
+        let allow = |key: &str, customer: &str, payee: &str, amount: &str| {
+            let (scope, fingerprint, mut rec) = record(key, amount);
+            rec.payment.customer = CustomerId::parse(customer).unwrap();
+            rec.payment.payee = PayeeId::parse(payee).unwrap();
+            rec.outcome.decision = Decision::Allow;
+            rec.outcome.reasons.clear();
+            let reads = ReadsRequest {
+                customer: rec.payment.customer.clone(),
+                payee: rec.payment.payee.clone(),
+                velocity_since_ms: 0,
+                velocity_cap: u32::MAX,
+            };
+            let store = store.clone();
+            async move {
+                let now = rec.now_ms;
+                match store
+                    .begin_deciding(&scope, &fingerprint, now, &reads, Box::new(|_| Some(rec)))
+                    .await
+                    .unwrap()
+                {
+                    Begin::Decided(_, CommitOutcome::Committed(c)) => c,
+                    _ => panic!("expected a committed decision"),
+                }
+            }
+        };
+        // c_456 has 1000.00 and knows p_789 only; c_789 has 50.00.
+        let to_known = allow("a-1", "c_456", "p_789", "10.00").await;
+        let to_new = allow("a-2", "c_456", "p_new", "20.00").await;
+        let refused = allow("a-3", "c_789", "p_789", "60.00").await;
+        assert_eq!(to_known.outcome.decision, Decision::Allow);
+        assert_eq!(to_new.outcome.decision, Decision::Allow);
+        assert_eq!(refused.outcome.decision, Decision::Block);
+        assert_eq!(
+            refused.outcome.reasons,
+            [crate::domain::Reason::InsufficientFunds]
+        );
+        assert!(refused.case_id.is_some());
+        store.close().await;
+
+        let conn = Connection::open(dir.path().join("p.db")).unwrap();
+        let audit = |customer: &str| -> Vec<(i64, Option<i64>, String, String)> {
+            conn.prepare(
+                "SELECT id, prev_id, decision, reasons FROM decisions WHERE customer_id = ?1 ORDER BY id",
+            )
+            .unwrap()
+            .query_map([customer], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+        };
+        let account = |customer: &str| -> (i64, Option<i64>) {
+            conn.query_row(
+                "SELECT reserved_minor, last_decision FROM accounts WHERE customer_id = ?1",
+                [customer],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+        };
+        let allows = audit("c_456");
+        assert_eq!(allows.len(), 2);
+        assert_eq!(allows[0].1, None, "the customer's first decision");
+        assert_eq!(allows[1].1, Some(allows[0].0), "linked to the one before");
+        assert_eq!(account("c_456"), (3_000, Some(allows[1].0)));
+        let payees: Vec<String> = conn
+            .prepare(
+                "SELECT payee_id FROM known_payees WHERE customer_id = 'c_456' ORDER BY payee_id",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(payees, ["p_789", "p_new"], "the new payee is known now");
+
+        let blocked = audit("c_789");
+        assert_eq!(blocked.len(), 1);
+        assert_eq!(
+            (blocked[0].2.as_str(), blocked[0].3.as_str()),
+            ("block", r#"["insufficient_funds"]"#),
+            "the audit row says what was answered"
+        );
+        assert_eq!(
+            account("c_789"),
+            (0, Some(blocked[0].0)),
+            "nothing reserved, still linked"
+        );
     }
 
     #[tokio::test]
