@@ -22,6 +22,7 @@
 //! WAL journal; an answered decision survives a crash of the process and of the machine.
 //! `busy_timeout` covers the rare checkpoint that makes a reader wait.
 
+mod walbuf;
 mod writer;
 
 use writer::{Db, ReadThen};
@@ -93,7 +94,17 @@ fn connect(path: &Path, writer: bool) -> rusqlite::Result<Connection> {
     } else {
         OpenFlags::SQLITE_OPEN_READ_ONLY
     } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)?;
+    let conn = match walbuf::register() {
+        Ok(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
+        Err(why) => {
+            tracing::warn!(
+                event = "store.vfs_unavailable",
+                why,
+                "WAL writes go frame by frame"
+            );
+            Connection::open_with_flags(path, flags)?
+        }
+    };
     conn.pragma_update(None, "busy_timeout", BUSY_TIMEOUT_MS)?;
     if writer {
         conn.pragma_update(None, "journal_mode", "WAL")?;
