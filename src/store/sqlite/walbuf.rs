@@ -24,6 +24,15 @@
 //!   a sync, a truncation, a size, a file control, closing it.
 //! * **When a write does not continue the gathered ones**, and past [`MAX_GATHERED`] bytes.
 //!
+//! If gathered bytes cannot be written (a full disk), SQLite was already told their writes
+//! succeeded, and the error may surface as a failed read, which does not stop a transaction
+//! from committing. So the WAL file then fails every call until the transaction ends (the
+//! connection gives up its WAL write lock), and the transaction cannot commit without them.
+//! A lock is given up whatever a write at that moment does, or every writer would wait on it.
+//!
+//! On a disk without powersafe overwrite, SQLite pads each commit to a sector boundary and
+//! syncs in the middle of its frames; this VFS passes such a WAL's writes straight through.
+//!
 //! WAL files and main database files are wrapped (the database file only to see those
 //! locks); every call is otherwise handed to the default VFS unchanged, and other files
 //! (journals, temporary files) are the default VFS's own objects.
@@ -101,6 +110,11 @@ struct WalFile {
     start: i64,
     /// A commit header was gathered: the next write (its page) is written out with it.
     flush_next: bool,
+    /// Writes go straight through, none gathered (see `open`).
+    pass_through: bool,
+    /// Why gathered bytes could not be written: every call on the file fails with it until
+    /// the transaction ends (see `db_shm_lock`), so SQLite cannot commit without them.
+    failed: c_int,
 }
 
 /// A main database file, and its connection's WAL file while both are open.
@@ -168,6 +182,18 @@ unsafe extern "C" fn open(
         } else {
             ptr::null_mut()
         };
+        // Without powersafe overwrite, SQLite pads a commit to a sector and syncs in the
+        // middle of its frames, a shape this VFS does not gather: it passes writes through.
+        let pass_through = match db.as_ref() {
+            Some(db) => {
+                let methods = &*(*db.shim.real).pMethods;
+                let device = methods
+                    .xDeviceCharacteristics
+                    .map_or(0, |f| f(db.shim.real));
+                device & ffi::SQLITE_IOCAP_POWERSAFE_OVERWRITE == 0
+            }
+            None => true,
+        };
         let shim = Shim {
             base: ffi::sqlite3_file {
                 pMethods: &WAL_METHODS,
@@ -183,6 +209,8 @@ unsafe extern "C" fn open(
                 gathered: Vec::new(),
                 start: 0,
                 flush_next: false,
+                pass_through,
+                failed: ffi::SQLITE_OK,
             },
         );
         if let Some(db) = db.as_mut() {
@@ -204,11 +232,31 @@ unsafe fn unwrap<'a, T>(file: *mut ffi::sqlite3_file) -> (&'a mut T, &'a ffi::sq
 }
 
 impl WalFile {
-    /// Writes out what is gathered (the buffer is emptied whatever the outcome: a failed
-    /// write fails SQLite's transaction, which rewrites its frames if it tries again).
+    /// Writes out what is gathered. If that fails, the bytes are dropped and the file fails
+    /// every call until the transaction ends: SQLite was told those writes succeeded, and
+    /// a failed read (which may be where the error surfaces) does not stop a transaction
+    /// from committing, so its commit must fail instead.
     fn flush(&mut self, methods: &ffi::sqlite3_io_methods) -> c_int {
+        if self.failed != ffi::SQLITE_OK {
+            return self.failed;
+        }
         if self.gathered.is_empty() {
             return ffi::SQLITE_OK;
+        }
+        let rc = self.write_gathered(methods);
+        self.gathered.clear();
+        if self.gathered.capacity() > MAX_GATHERED {
+            // A transaction larger than commits usually are: give the memory back.
+            self.gathered = Vec::new();
+        }
+        self.failed = rc;
+        rc
+    }
+
+    fn write_gathered(&mut self, methods: &ffi::sqlite3_io_methods) -> c_int {
+        #[cfg(test)]
+        if tests::FAIL_NEXT_WRITE.with(|f| f.replace(false)) {
+            return ffi::SQLITE_FULL;
         }
         let Some(write) = methods.xWrite else {
             return ffi::SQLITE_IOERR_WRITE;
@@ -233,7 +281,6 @@ impl WalFile {
             }
             offset += chunk.len() as i64;
         }
-        self.gathered.clear();
         rc
     }
 }
@@ -249,6 +296,16 @@ unsafe extern "C" fn wal_write(
     }
     // SAFETY: SQLite calls this on a WAL file `open` wrapped, with `amount` readable bytes.
     let (wal, methods) = unsafe { unwrap::<WalFile>(file) };
+    if wal.failed != ffi::SQLITE_OK {
+        return wal.failed;
+    }
+    if wal.pass_through {
+        return match methods.xWrite {
+            // SAFETY: SQLite's own arguments, passed on unchanged.
+            Some(write) => unsafe { write(wal.shim.real, data, amount, offset) },
+            None => ffi::SQLITE_IOERR_WRITE,
+        };
+    }
     let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), amount as usize) };
     if !wal.gathered.is_empty() && offset != wal.start + wal.gathered.len() as i64 {
         let rc = wal.flush(methods);
@@ -285,7 +342,9 @@ unsafe extern "C" fn wal_close(file: *mut ffi::sqlite3_file) -> c_int {
     unsafe {
         let (wal, methods) = unwrap::<WalFile>(file);
         let flushed = wal.flush(methods);
-        if let Some(db) = wal.db.as_mut() {
+        if let Some(db) = wal.db.as_mut()
+            && ptr::eq(db.wal, file.cast::<WalFile>())
+        {
             db.wal = ptr::null_mut();
         }
         let closed = methods
@@ -325,7 +384,14 @@ unsafe extern "C" fn db_shm_lock(
     if let Some(wal) = unsafe { db.wal.as_mut() } {
         let wal_methods = unsafe { &*(*wal.shim.real).pMethods };
         let rc = wal.flush(wal_methods);
-        if rc != ffi::SQLITE_OK {
+        if flags & ffi::SQLITE_SHM_UNLOCK != 0 {
+            // A lock is given up whatever happened: SQLite does not look at the answer, and
+            // a lock kept would block every writer. Giving up the write lock (index 0) ends
+            // the transaction, and with it a failure of its gathered bytes.
+            if offset == 0 {
+                wal.failed = ffi::SQLITE_OK;
+            }
+        } else if rc != ffi::SQLITE_OK {
             return rc;
         }
     }
@@ -360,11 +426,24 @@ impl WalFile {
     fn before_call(&mut self, methods: &ffi::sqlite3_io_methods) -> c_int {
         self.flush(methods)
     }
+
+    #[cfg(test)]
+    fn at_barrier(&self) {}
 }
 
 impl DbFile {
     fn before_call(&mut self, _: &ffi::sqlite3_io_methods) -> c_int {
         ffi::SQLITE_OK
+    }
+
+    /// SQLite publishes a commit between two barriers on the database file's shared
+    /// memory: the tests count any that finds WAL bytes still gathered.
+    #[cfg(test)]
+    fn at_barrier(&self) {
+        // SAFETY: a linked WAL is open (see `db_shm_lock`).
+        if unsafe { self.wal.as_ref() }.is_some_and(|wal| !wal.gathered.is_empty()) {
+            tests::HELD_AT_BARRIER.with(|h| h.set(h.get() + 1));
+        }
     }
 }
 
@@ -414,6 +493,8 @@ macro_rules! forward_all {
         unsafe extern "C" fn $barrier(file: *mut ffi::sqlite3_file) {
             // SAFETY: SQLite calls this on a file `open` wrapped as this type.
             let (wrapped, methods) = unsafe { unwrap::<$file>(file) };
+            #[cfg(test)]
+            wrapped.at_barrier();
             if let Some(barrier) = methods.xShmBarrier {
                 unsafe { barrier(wrapped.shim.real) }
             }
@@ -547,6 +628,11 @@ mod tests {
         /// Writes this thread's connections made to their WAL files (SQLite calls a VFS on
         /// the thread that runs the statement).
         pub static WRITES: Cell<u64> = const { Cell::new(0) };
+        /// Set to make the next write of gathered bytes fail as a full disk would.
+        pub static FAIL_NEXT_WRITE: Cell<bool> = const { Cell::new(false) };
+        /// Barriers on a database file's shared memory that found bytes of its WAL still
+        /// gathered: SQLite publishes a commit between two of them, so this must stay 0.
+        pub static HELD_AT_BARRIER: Cell<u64> = const { Cell::new(0) };
     }
 
     fn writes() -> u64 {
@@ -651,6 +737,11 @@ mod tests {
         conn.execute("INSERT INTO t VALUES (-2, randomblob(50))", [])
             .unwrap();
         check("a WAL truncated");
+        assert_eq!(
+            HELD_AT_BARRIER.with(Cell::get),
+            0,
+            "a commit was published while some of its bytes were still gathered"
+        );
     }
 
     #[test]
@@ -690,12 +781,116 @@ mod tests {
         assert_eq!(after_a_crash(&path), expected);
     }
 
+    /// `rows` rows of `size` random bytes from key `from` on, in one statement.
+    fn insert(conn: &Connection, from: i64, rows: i64, size: i64) -> rusqlite::Result<usize> {
+        conn.execute(
+            "WITH RECURSIVE s(k) AS (SELECT ?1 UNION ALL SELECT k + 1 FROM s WHERE k < ?1 + ?2 - 1)
+             INSERT INTO t SELECT k, randomblob(?3) FROM s",
+            [from, rows, size],
+        )
+    }
+
+    #[test]
+    fn a_transaction_whose_gathered_bytes_could_not_be_written_cannot_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let conn = writer(&path);
+        insert(&conn, 1, 50, 100).unwrap();
+        // A transaction larger than the cache: pages go to the WAL early and are gathered.
+        conn.pragma_update(None, "cache_size", 10).unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        insert(&conn, 1000, 301, 3000).unwrap();
+        // As the writer runs an isolated job: a savepoint whose statement fails and is rolled
+        // back alone. The disk is full when the gathered bytes are written out, which the
+        // statement meets as a failed read.
+        conn.execute_batch("SAVEPOINT isolated").unwrap();
+        FAIL_NEXT_WRITE.with(|f| f.set(true));
+        let failed = conn.execute(
+            "INSERT INTO t SELECT k + 100000, v FROM t WHERE k >= 1000",
+            [],
+        );
+        assert!(failed.is_err());
+        let _ = conn.execute_batch("ROLLBACK TO isolated; RELEASE isolated");
+        // The rest of the transaction must not commit without the bytes that were lost.
+        assert!(
+            conn.execute_batch("COMMIT").is_err(),
+            "committed without its pages"
+        );
+        if !conn.is_autocommit() {
+            conn.execute_batch("ROLLBACK").unwrap();
+        }
+        let expected = (50, seen(&conn).1);
+        assert_eq!(seen(&conn).0, 50);
+        assert_eq!(seen(&Connection::open(&path).unwrap()), expected);
+        assert_eq!(after_a_crash(&path), expected);
+        // The space is back: the next transaction commits as usual.
+        insert(&conn, 5000, 10, 100).unwrap();
+        assert_eq!(seen(&Connection::open(&path).unwrap()).0, 60);
+        assert_eq!(after_a_crash(&path).0, 60);
+    }
+
+    #[test]
+    fn a_failed_write_at_rollback_still_gives_up_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let first = writer(&path);
+        let second = writer(&path);
+        first.pragma_update(None, "busy_timeout", 200).unwrap();
+        second.pragma_update(None, "busy_timeout", 200).unwrap();
+        insert(&first, 1, 300, 3000).unwrap();
+        first
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        // Pages spilled past the WAL's end and gathered, then rolled back while the disk is
+        // full: the gathered bytes are lost, which is harmless, and the lock must go.
+        first.pragma_update(None, "cache_size", 10).unwrap();
+        first
+            .execute_batch("BEGIN; UPDATE t SET v = randomblob(3000);")
+            .unwrap();
+        FAIL_NEXT_WRITE.with(|f| f.set(true));
+        first.execute_batch("ROLLBACK").unwrap();
+        assert!(first.is_autocommit());
+        insert(&second, 1000, 1, 10).expect("the other connection writes");
+        insert(&first, 2000, 1, 10).expect("this connection writes again");
+        let (busy, _, _): (i64, i64, i64) = second
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(busy, 0, "a checkpoint found the WAL still locked");
+        assert_eq!(seen(&second).0, 302);
+        assert_eq!(after_a_crash(&path).0, 302);
+    }
+
+    #[test]
+    fn without_powersafe_overwrite_writes_go_straight_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        // Full syncs on a disk that may not overwrite a sector safely: SQLite pads each
+        // commit to a sector and syncs inside its frames.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI;
+        let uri = format!("file:{}?psow=0", path.display());
+        let conn = Connection::open_with_flags_and_vfs(uri, flags, register().unwrap()).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "FULL").unwrap();
+        conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+            .unwrap();
+        for k in 0..20 {
+            insert(&conn, k * 100, 1 + k, 700).unwrap();
+            assert_eq!(after_a_crash(&path), seen(&conn));
+        }
+        assert_eq!(HELD_AT_BARRIER.with(Cell::get), 0);
+    }
+
     #[test]
     fn a_commit_of_many_pages_takes_a_few_writes_not_two_a_page() {
         let dir = tempfile::tempdir().unwrap();
         let conn = writer(&dir.path().join("w.db"));
         // About 40 pages, in a table and its index, as a batch of decisions writes.
-        conn.execute_batch("CREATE INDEX t_v ON t (v)").unwrap();
+        conn.execute_batch("CREATE INDEX t_v ON t (v); PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
         let before = writes();
         conn.execute_batch(
             "BEGIN;
