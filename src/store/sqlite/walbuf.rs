@@ -32,6 +32,8 @@
 //!
 //! On a disk without powersafe overwrite, SQLite pads each commit to a sector boundary and
 //! syncs in the middle of its frames; this VFS passes such a WAL's writes straight through.
+//! `locking_mode=EXCLUSIVE` is not supported: SQLite then never releases the write lock, so a
+//! failed write would fail the connection until it is closed (nothing would be corrupted).
 //!
 //! WAL files and main database files are wrapped (the database file only to see those
 //! locks); every call is otherwise handed to the default VFS unchanged, and other files
@@ -809,9 +811,18 @@ mod tests {
             "INSERT INTO t SELECT k + 100000, v FROM t WHERE k >= 1000",
             [],
         );
-        assert!(failed.is_err());
+        assert!(
+            !FAIL_NEXT_WRITE.with(Cell::get),
+            "the gathered bytes were written here"
+        );
+        assert_eq!(
+            failed.unwrap_err().sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DiskFull)
+        );
         let _ = conn.execute_batch("ROLLBACK TO isolated; RELEASE isolated");
-        // The rest of the transaction must not commit without the bytes that were lost.
+        // SQLite rolled back the statement only: the rest of the transaction is still open,
+        // and must not commit without the bytes that were lost.
+        assert!(!conn.is_autocommit(), "the transaction is still open");
         assert!(
             conn.execute_batch("COMMIT").is_err(),
             "committed without its pages"
@@ -849,6 +860,10 @@ mod tests {
             .unwrap();
         FAIL_NEXT_WRITE.with(|f| f.set(true));
         first.execute_batch("ROLLBACK").unwrap();
+        assert!(
+            !FAIL_NEXT_WRITE.with(Cell::get),
+            "the gathered bytes were written here"
+        );
         assert!(first.is_autocommit());
         insert(&second, 1000, 1, 10).expect("the other connection writes");
         insert(&first, 2000, 1, 10).expect("this connection writes again");
@@ -877,10 +892,12 @@ mod tests {
         conn.pragma_update(None, "synchronous", "FULL").unwrap();
         conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB NOT NULL)")
             .unwrap();
+        let before = writes();
         for k in 0..20 {
             insert(&conn, k * 100, 1 + k, 700).unwrap();
             assert_eq!(after_a_crash(&path), seen(&conn));
         }
+        assert_eq!(writes(), before, "nothing was gathered");
         assert_eq!(HELD_AT_BARRIER.with(Cell::get), 0);
     }
 
