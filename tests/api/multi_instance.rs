@@ -329,6 +329,26 @@ async fn two_stores_and_their_database(
     (first, second, url)
 }
 
+/// Whether `store` gets a fresh claim on the key within `tries` attempts, 50 ms apart.
+async fn claimed_within(
+    store: &paynow::store::DynStore,
+    scope: &IdempotencyScope,
+    fingerprint: [u8; 32],
+    tries: u32,
+) -> bool {
+    for _ in 0..tries {
+        if let Begin::Fresh(..) = store
+            .begin_idempotent(scope, &fingerprint, now_ms(), None)
+            .await
+            .unwrap()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_left_by_a_crashed_instance_stops_blocking_its_key_after_its_lease() {
     if !Backend::Postgres.available() {
@@ -441,19 +461,10 @@ async fn a_claim_released_without_commit_frees_its_key_at_once() {
     };
     // E.g. the request timed out before commit.
     drop(claim);
-    let mut freed = false;
-    for _ in 0..40 {
-        if let Begin::Fresh(..) = second
-            .begin_idempotent(&scope, &fingerprint, now_ms(), None)
-            .await
-            .unwrap()
-        {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(freed, "the released key was still blocked after 2 s");
+    assert!(
+        claimed_within(&second, &scope, fingerprint, 40).await,
+        "the released key was still blocked after 2 s"
+    );
     first.close().await;
     second.close().await;
 }
@@ -508,19 +519,10 @@ async fn a_caller_that_gives_up_while_its_claim_is_being_written_leaves_no_claim
     locker.batch_execute("COMMIT").await.unwrap();
 
     // Now the claim's row is written, for nobody. It must not hold the key for the lease.
-    let mut freed = false;
-    for _ in 0..60 {
-        if let Begin::Fresh(..) = second
-            .begin_idempotent(&scope, &fingerprint, now_ms(), None)
-            .await
-            .unwrap()
-        {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(freed, "the abandoned claim still held its key after 3 s");
+    assert!(
+        claimed_within(&second, &scope, fingerprint, 60).await,
+        "the abandoned claim still held its key after 3 s"
+    );
     first.close().await;
     second.close().await;
 }

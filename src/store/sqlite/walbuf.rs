@@ -226,7 +226,7 @@ unsafe extern "C" fn open(
 /// real file object.
 ///
 /// SAFETY: `file` must be a file that `open` wrapped as a `T` and `close` has not torn down.
-unsafe fn unwrap<'a, T>(file: *mut ffi::sqlite3_file) -> (&'a mut T, &'a ffi::sqlite3_io_methods) {
+unsafe fn parts<'a, T>(file: *mut ffi::sqlite3_file) -> (&'a mut T, &'a ffi::sqlite3_io_methods) {
     unsafe {
         let real = (*file.cast::<Shim>()).real;
         (&mut *file.cast::<T>(), &*(*real).pMethods)
@@ -297,7 +297,7 @@ unsafe extern "C" fn wal_write(
         return ffi::SQLITE_OK;
     }
     // SAFETY: SQLite calls this on a WAL file `open` wrapped, with `amount` readable bytes.
-    let (wal, methods) = unsafe { unwrap::<WalFile>(file) };
+    let (wal, methods) = unsafe { parts::<WalFile>(file) };
     if wal.failed != ffi::SQLITE_OK {
         return wal.failed;
     }
@@ -342,7 +342,7 @@ unsafe extern "C" fn wal_write(
 unsafe extern "C" fn wal_close(file: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: SQLite closes each file once; after this, nothing of the WalFile is used.
     unsafe {
-        let (wal, methods) = unwrap::<WalFile>(file);
+        let (wal, methods) = parts::<WalFile>(file);
         let flushed = wal.flush(methods);
         if let Some(db) = wal.db.as_mut()
             && ptr::eq(db.wal, file.cast::<WalFile>())
@@ -364,7 +364,7 @@ unsafe extern "C" fn wal_close(file: *mut ffi::sqlite3_file) -> c_int {
 unsafe extern "C" fn db_close(file: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: as for `wal_close`; a WAL still open forgets this file.
     unsafe {
-        let (db, methods) = unwrap::<DbFile>(file);
+        let (db, methods) = parts::<DbFile>(file);
         if let Some(wal) = db.wal.as_mut() {
             wal.db = ptr::null_mut();
         }
@@ -382,7 +382,7 @@ unsafe extern "C" fn db_shm_lock(
 ) -> c_int {
     // SAFETY: SQLite calls this on a database file `open` wrapped; its WAL, if linked, is
     // open (a closing WAL unlinks itself), and both belong to the connection making the call.
-    let (db, methods) = unsafe { unwrap::<DbFile>(file) };
+    let (db, methods) = unsafe { parts::<DbFile>(file) };
     if let Some(wal) = unsafe { db.wal.as_mut() } {
         let wal_methods = unsafe { &*(*wal.shim.real).pMethods };
         let rc = wal.flush(wal_methods);
@@ -404,36 +404,21 @@ unsafe extern "C" fn db_shm_lock(
     }
 }
 
-/// Generates a method of `$file` files that (for a WAL) writes out what is gathered, then
-/// hands the call to the default VFS, or answers `$missing` if it has no such method.
-macro_rules! forward {
-    ($file:ident, $name:ident, $field:ident, $missing:expr, ($($arg:ident: $ty:ty),*)) => {
-        unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file, $($arg: $ty),*) -> c_int {
-            // SAFETY: SQLite calls this on a file `open` wrapped as this type.
-            let (wrapped, methods) = unsafe { unwrap::<$file>(file) };
-            let rc = wrapped.before_call(methods);
-            if rc != ffi::SQLITE_OK {
-                return rc;
-            }
-            match methods.$field {
-                // SAFETY: SQLite's own arguments, passed on unchanged.
-                Some(method) => unsafe { method(wrapped.shim.real, $($arg),*) },
-                None => $missing,
-            }
-        }
-    };
-}
-
-impl WalFile {
-    fn before_call(&mut self, methods: &ffi::sqlite3_io_methods) -> c_int {
-        self.flush(methods)
-    }
-
+/// What the two kinds of wrapped file do before a call is handed to the default VFS.
+trait Wrapped {
+    /// For a WAL: write out what is gathered (or the failure that lost it).
+    fn before_call(&mut self, methods: &ffi::sqlite3_io_methods) -> c_int;
     #[cfg(test)]
     fn at_barrier(&self) {}
 }
 
-impl DbFile {
+impl Wrapped for WalFile {
+    fn before_call(&mut self, methods: &ffi::sqlite3_io_methods) -> c_int {
+        self.flush(methods)
+    }
+}
+
+impl Wrapped for DbFile {
     fn before_call(&mut self, _: &ffi::sqlite3_io_methods) -> c_int {
         ffi::SQLITE_OK
     }
@@ -449,173 +434,121 @@ impl DbFile {
     }
 }
 
-/// The methods both kinds of file hand on: `$file` and a prefix for their names.
-macro_rules! forward_all {
-    ($file:ident, $read:ident, $truncate:ident, $sync:ident, $size:ident, $lock:ident,
-     $unlock:ident, $reserved:ident, $control:ident, $sector:ident, $device:ident,
-     $map:ident, $barrier:ident, $unmap:ident, $fetch:ident, $unfetch:ident) => {
-        forward!($file, $read, xRead, ffi::SQLITE_IOERR_READ,
-            (buf: *mut c_void, amount: c_int, offset: ffi::sqlite3_int64));
-        forward!($file, $truncate, xTruncate, ffi::SQLITE_IOERR_TRUNCATE,
-            (size: ffi::sqlite3_int64));
-        forward!($file, $sync, xSync, ffi::SQLITE_IOERR_FSYNC, (flags: c_int));
-        forward!($file, $size, xFileSize, ffi::SQLITE_IOERR_FSTAT,
-            (size: *mut ffi::sqlite3_int64));
-        forward!($file, $lock, xLock, ffi::SQLITE_OK, (level: c_int));
-        forward!($file, $unlock, xUnlock, ffi::SQLITE_OK, (level: c_int));
-        forward!($file, $reserved, xCheckReservedLock, ffi::SQLITE_OK, (out: *mut c_int));
-        forward!($file, $control, xFileControl, ffi::SQLITE_NOTFOUND,
-            (op: c_int, arg: *mut c_void));
-        forward!($file, $map, xShmMap, ffi::SQLITE_IOERR_SHMMAP,
-            (page: c_int, size: c_int, extend: c_int, out: *mut *mut c_void));
-        forward!($file, $unmap, xShmUnmap, ffi::SQLITE_OK, (delete: c_int));
-        forward!($file, $fetch, xFetch, {
-                // No memory map: SQLite reads the page instead.
-                // SAFETY: `out` is SQLite's pointer to fill in.
-                unsafe { *out = ptr::null_mut() };
-                ffi::SQLITE_OK
-            },
-            (offset: ffi::sqlite3_int64, amount: c_int, out: *mut *mut c_void));
-        forward!($file, $unfetch, xUnfetch, ffi::SQLITE_OK,
-            (offset: ffi::sqlite3_int64, p: *mut c_void));
-
-        /// Properties of the file, not its contents: nothing to write out first.
-        unsafe extern "C" fn $sector(file: *mut ffi::sqlite3_file) -> c_int {
-            // SAFETY: SQLite calls this on a file `open` wrapped as this type.
-            let (wrapped, methods) = unsafe { unwrap::<$file>(file) };
-            methods.xSectorSize.map_or(4096, |f| unsafe { f(wrapped.shim.real) })
-        }
-
-        unsafe extern "C" fn $device(file: *mut ffi::sqlite3_file) -> c_int {
-            // SAFETY: SQLite calls this on a file `open` wrapped as this type.
-            let (wrapped, methods) = unsafe { unwrap::<$file>(file) };
-            methods.xDeviceCharacteristics.map_or(0, |f| unsafe { f(wrapped.shim.real) })
-        }
-
-        unsafe extern "C" fn $barrier(file: *mut ffi::sqlite3_file) {
-            // SAFETY: SQLite calls this on a file `open` wrapped as this type.
-            let (wrapped, methods) = unsafe { unwrap::<$file>(file) };
-            #[cfg(test)]
-            wrapped.at_barrier();
-            if let Some(barrier) = methods.xShmBarrier {
-                unsafe { barrier(wrapped.shim.real) }
+/// Generates a method that does what `T` does before a call, then hands the call to the
+/// default VFS, or answers `$missing` if it has no such method.
+macro_rules! forward {
+    ($name:ident, $field:ident, $missing:expr, ($($arg:ident: $ty:ty),*)) => {
+        unsafe extern "C" fn $name<T: Wrapped>(
+            file: *mut ffi::sqlite3_file,
+            $($arg: $ty),*
+        ) -> c_int {
+            // SAFETY: SQLite calls this on a file `open` wrapped as a `T` (the methods table
+            // it was given is `T`'s), and passes its own arguments on unchanged.
+            let real = unsafe { (*file.cast::<Shim>()).real };
+            let (wrapped, methods) = unsafe { parts::<T>(file) };
+            let rc = wrapped.before_call(methods);
+            if rc != ffi::SQLITE_OK {
+                return rc;
+            }
+            match methods.$field {
+                Some(method) => unsafe { method(real, $($arg),*) },
+                None => $missing,
             }
         }
     };
 }
 
-forward_all!(
-    WalFile,
-    wal_read,
-    wal_truncate,
-    wal_sync,
-    wal_size,
-    wal_lock,
-    wal_unlock,
-    wal_reserved,
-    wal_control,
-    wal_sector,
-    wal_device,
-    wal_shm_map,
-    wal_shm_barrier,
-    wal_shm_unmap,
-    wal_fetch,
-    wal_unfetch
-);
-forward_all!(
-    DbFile,
-    db_read,
-    db_truncate,
-    db_sync,
-    db_size,
-    db_lock,
-    db_unlock,
-    db_reserved,
-    db_control,
-    db_sector,
-    db_device,
-    db_shm_map,
-    db_shm_barrier,
-    db_shm_unmap,
-    db_fetch,
-    db_unfetch
-);
-forward!(WalFile, wal_shm_lock, xShmLock, ffi::SQLITE_IOERR_SHMLOCK,
-    (offset: c_int, n: c_int, flags: c_int));
-forward!(DbFile, db_write, xWrite, ffi::SQLITE_IOERR_WRITE,
+forward!(read, xRead, ffi::SQLITE_IOERR_READ,
+    (buf: *mut c_void, amount: c_int, offset: ffi::sqlite3_int64));
+forward!(write_through, xWrite, ffi::SQLITE_IOERR_WRITE,
     (data: *const c_void, amount: c_int, offset: ffi::sqlite3_int64));
+forward!(truncate, xTruncate, ffi::SQLITE_IOERR_TRUNCATE, (size: ffi::sqlite3_int64));
+forward!(sync, xSync, ffi::SQLITE_IOERR_FSYNC, (flags: c_int));
+forward!(file_size, xFileSize, ffi::SQLITE_IOERR_FSTAT, (size: *mut ffi::sqlite3_int64));
+forward!(lock, xLock, ffi::SQLITE_OK, (level: c_int));
+forward!(unlock, xUnlock, ffi::SQLITE_OK, (level: c_int));
+forward!(check_reserved_lock, xCheckReservedLock, ffi::SQLITE_OK, (out: *mut c_int));
+forward!(file_control, xFileControl, ffi::SQLITE_NOTFOUND, (op: c_int, arg: *mut c_void));
+forward!(shm_map, xShmMap, ffi::SQLITE_IOERR_SHMMAP,
+    (page: c_int, size: c_int, extend: c_int, out: *mut *mut c_void));
+forward!(shm_lock, xShmLock, ffi::SQLITE_IOERR_SHMLOCK, (offset: c_int, n: c_int, flags: c_int));
+forward!(shm_unmap, xShmUnmap, ffi::SQLITE_OK, (delete: c_int));
+forward!(fetch, xFetch, {
+        // No memory map: SQLite reads the page instead.
+        // SAFETY: `out` is SQLite's pointer to fill in.
+        unsafe { *out = ptr::null_mut() };
+        ffi::SQLITE_OK
+    },
+    (offset: ffi::sqlite3_int64, amount: c_int, out: *mut *mut c_void));
+forward!(unfetch, xUnfetch, ffi::SQLITE_OK, (offset: ffi::sqlite3_int64, p: *mut c_void));
 
-/// The methods of a file of each kind, in SQLite's table (version 3: memory-mapped reads).
-macro_rules! methods {
-    ($close:ident, $read:ident, $write:ident, $truncate:ident, $sync:ident, $size:ident,
-     $lock:ident, $unlock:ident, $reserved:ident, $control:ident, $sector:ident,
-     $device:ident, $map:ident, $shm_lock:ident, $barrier:ident, $unmap:ident,
-     $fetch:ident, $unfetch:ident) => {
-        ffi::sqlite3_io_methods {
-            iVersion: 3,
-            xClose: Some($close),
-            xRead: Some($read),
-            xWrite: Some($write),
-            xTruncate: Some($truncate),
-            xSync: Some($sync),
-            xFileSize: Some($size),
-            xLock: Some($lock),
-            xUnlock: Some($unlock),
-            xCheckReservedLock: Some($reserved),
-            xFileControl: Some($control),
-            xSectorSize: Some($sector),
-            xDeviceCharacteristics: Some($device),
-            xShmMap: Some($map),
-            xShmLock: Some($shm_lock),
-            xShmBarrier: Some($barrier),
-            xShmUnmap: Some($unmap),
-            xFetch: Some($fetch),
-            xUnfetch: Some($unfetch),
-        }
-    };
+/// Properties of the file, not its contents: nothing to write out first.
+unsafe extern "C" fn sector_size(file: *mut ffi::sqlite3_file) -> c_int {
+    // SAFETY: SQLite calls this on a file `open` wrapped.
+    let (shim, methods) = unsafe { parts::<Shim>(file) };
+    methods
+        .xSectorSize
+        .map_or(4096, |f| unsafe { f(shim.real) })
 }
 
-static WAL_METHODS: ffi::sqlite3_io_methods = methods!(
-    wal_close,
-    wal_read,
-    wal_write,
-    wal_truncate,
-    wal_sync,
-    wal_size,
-    wal_lock,
-    wal_unlock,
-    wal_reserved,
-    wal_control,
-    wal_sector,
-    wal_device,
-    wal_shm_map,
-    wal_shm_lock,
-    wal_shm_barrier,
-    wal_shm_unmap,
-    wal_fetch,
-    wal_unfetch
-);
+unsafe extern "C" fn device_characteristics(file: *mut ffi::sqlite3_file) -> c_int {
+    // SAFETY: SQLite calls this on a file `open` wrapped.
+    let (shim, methods) = unsafe { parts::<Shim>(file) };
+    methods
+        .xDeviceCharacteristics
+        .map_or(0, |f| unsafe { f(shim.real) })
+}
 
-static DB_METHODS: ffi::sqlite3_io_methods = methods!(
-    db_close,
-    db_read,
-    db_write,
-    db_truncate,
-    db_sync,
-    db_size,
-    db_lock,
-    db_unlock,
-    db_reserved,
-    db_control,
-    db_sector,
-    db_device,
-    db_shm_map,
-    db_shm_lock,
-    db_shm_barrier,
-    db_shm_unmap,
-    db_fetch,
-    db_unfetch
-);
+unsafe extern "C" fn shm_barrier<T: Wrapped>(file: *mut ffi::sqlite3_file) {
+    // SAFETY: SQLite calls this on a file `open` wrapped as a `T`.
+    #[cfg(test)]
+    unsafe { parts::<T>(file) }.0.at_barrier();
+    let (shim, methods) = unsafe { parts::<Shim>(file) };
+    if let Some(barrier) = methods.xShmBarrier {
+        unsafe { barrier(shim.real) }
+    }
+}
+
+type Close = unsafe extern "C" fn(*mut ffi::sqlite3_file) -> c_int;
+type Write =
+    unsafe extern "C" fn(*mut ffi::sqlite3_file, *const c_void, c_int, ffi::sqlite3_int64) -> c_int;
+type ShmLock = unsafe extern "C" fn(*mut ffi::sqlite3_file, c_int, c_int, c_int) -> c_int;
+
+/// The methods table of a kind of file (version 3: with memory-mapped reads): the three
+/// methods given, and every other one handed on after `T::before_call`.
+const fn methods<T: Wrapped>(
+    close: Close,
+    write: Write,
+    shm_lock: ShmLock,
+) -> ffi::sqlite3_io_methods {
+    ffi::sqlite3_io_methods {
+        iVersion: 3,
+        xClose: Some(close),
+        xRead: Some(read::<T>),
+        xWrite: Some(write),
+        xTruncate: Some(truncate::<T>),
+        xSync: Some(sync::<T>),
+        xFileSize: Some(file_size::<T>),
+        xLock: Some(lock::<T>),
+        xUnlock: Some(unlock::<T>),
+        xCheckReservedLock: Some(check_reserved_lock::<T>),
+        xFileControl: Some(file_control::<T>),
+        xSectorSize: Some(sector_size),
+        xDeviceCharacteristics: Some(device_characteristics),
+        xShmMap: Some(shm_map::<T>),
+        xShmLock: Some(shm_lock),
+        xShmBarrier: Some(shm_barrier::<T>),
+        xShmUnmap: Some(shm_unmap::<T>),
+        xFetch: Some(fetch::<T>),
+        xUnfetch: Some(unfetch::<T>),
+    }
+}
+
+static WAL_METHODS: ffi::sqlite3_io_methods =
+    methods::<WalFile>(wal_close, wal_write, shm_lock::<WalFile>);
+
+static DB_METHODS: ffi::sqlite3_io_methods =
+    methods::<DbFile>(db_close, write_through::<DbFile>, db_shm_lock);
 
 #[cfg(test)]
 mod tests {
