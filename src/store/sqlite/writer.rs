@@ -94,8 +94,12 @@ use crate::store::StoreError;
 pub const MAX_BATCH: usize = 256;
 /// How often the checkpoint thread copies the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// WAL frames after which the checkpoint thread starts the WAL over (see `checkpoint_loop`).
-const RESTART_AFTER_FRAMES: i64 = 8_192;
+/// WAL frames after which the checkpoint thread starts the WAL over (see `checkpoint_loop`):
+/// 128 MiB of 4 KiB pages. Each start-over stalls the writer for a few milliseconds (its
+/// checkpoint syncs the WAL and the database file), so they are kept to about one a second
+/// at full load; at 8,192 frames, four times as many put the p99 latency at 17–20 ms against
+/// 11–15 ms.
+const RESTART_AFTER_FRAMES: i64 = 32_768;
 
 type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
