@@ -54,7 +54,7 @@ const READER_POOL: usize = 8;
 const BUSY_TIMEOUT_MS: u32 = 5_000;
 /// WAL pages after which the writer checkpoints by itself: only if the checkpoint thread,
 /// which starts the WAL over at half of this, has fallen behind.
-const WRITER_AUTOCHECKPOINT_PAGES: u32 = 65_536;
+const WRITER_AUTOCHECKPOINT_PAGES: i64 = 2 * writer::RESTART_AFTER_FRAMES;
 /// The writer's page cache, in KiB: the decision path's reads are served from it.
 const WRITER_CACHE_KIB: i64 = 2 * 1024;
 

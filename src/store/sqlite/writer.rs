@@ -99,7 +99,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// checkpoint syncs the WAL and the database file), so they are kept to about one a second
 /// at full load; at 8,192 frames, four times as many put the p99 latency at 17–20 ms against
 /// 11–15 ms.
-const RESTART_AFTER_FRAMES: i64 = 32_768;
+pub(super) const RESTART_AFTER_FRAMES: i64 = 32_768;
 
 type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
