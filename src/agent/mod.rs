@@ -13,13 +13,13 @@
 pub mod rules;
 pub mod tools;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use serde_json::json;
 
-use crate::domain::{Decision, Payment, Reason, RequestId, TraceStep, format_minor};
+use crate::domain::{Decision, Payment, Reason, RequestId, StepData, TraceStep};
 use crate::policy::{Policy, ToolPolicy};
 use crate::store::{Account, PaymentReads, ReadsRequest, RiskProfile};
 use rules::{Facts, Fetched};
@@ -147,33 +147,32 @@ async fn call_with_retries<T: Send>(
 trait Describe {
     /// The detail when the tool found nothing for the customer.
     const MISSING: &'static str;
-    fn describe(&self) -> (String, serde_json::Value);
+    fn describe(&self) -> (String, StepData);
 }
 
 impl Describe for Account {
     const MISSING: &'static str = "no account for customer";
-    fn describe(&self) -> (String, serde_json::Value) {
-        let exp = self.balance.currency().exponent();
-        let data = json!({
-            "currency": self.balance.currency().code(),
-            "reserved": format_minor(self.reserved_minor, exp),
-            "available": format_minor(self.available_minor(), exp),
-        });
+    fn describe(&self) -> (String, StepData) {
+        let data = StepData::Balance {
+            currency: self.balance.currency(),
+            available_minor: self.available_minor(),
+            reserved_minor: self.reserved_minor,
+        };
         (format!("balance={}", self.balance), data)
     }
 }
 
 impl Describe for RiskProfile {
     const MISSING: &'static str = "no risk profile for customer";
-    fn describe(&self) -> (String, serde_json::Value) {
+    fn describe(&self) -> (String, StepData) {
         let detail = format!(
             "recent_disputes={}, device_change={}",
             self.recent_disputes, self.device_change
         );
-        let data = json!({
-            "knownPayee": self.known_payee,
-            "recentPayments": self.recent_payments,
-        });
+        let data = StepData::Risk {
+            known_payee: self.known_payee,
+            recent_payments: self.recent_payments,
+        };
         (detail, data)
     }
 }
@@ -188,17 +187,17 @@ fn record<'a, T: Describe>(
     let (detail, data, fetched) = match &called.result {
         Ok(Some(found)) => {
             let (detail, data) = found.describe();
-            (detail, Some(data), Fetched::Found(found))
+            (Cow::Owned(detail), Some(data), Fetched::Found(found))
         }
-        Ok(None) => (T::MISSING.to_owned(), None, Fetched::Missing),
+        Ok(None) => (Cow::Borrowed(T::MISSING), None, Fetched::Missing),
         Err(e) => {
             failed_tools.push(name);
             let detail = format!("unavailable after {} attempts: {e}", called.attempts);
-            (detail, None, Fetched::Unavailable)
+            (Cow::Owned(detail), None, Fetched::Unavailable)
         }
     };
     trace.push(TraceStep {
-        step: format!("tool:{name}"),
+        step: Cow::Owned(format!("tool:{name}")),
         detail,
         duration_us: Some(called.elapsed_us),
         attempts: Some(called.attempts),
@@ -306,20 +305,18 @@ impl Agent {
             Decision::Review => "route to manual review",
             Decision::Block => "block payment",
         };
+        let reasons = findings.iter().map(|f| f.reason).collect();
         let mut step = TraceStep::new("tool:recommend", recommend);
         if !findings.is_empty() {
             // Each fired rule with the numbers behind it, for the reviewer.
-            let why: serde_json::Map<String, serde_json::Value> = findings
-                .iter()
-                .map(|f| (f.reason.as_str().to_owned(), f.why.clone().into()))
-                .collect();
-            step.data = Some(json!({ "findings": why }));
+            let whys = findings.into_iter().map(|f| (f.reason, f.why)).collect();
+            step.data = Some(StepData::Findings(whys));
         }
         trace.push(step);
 
         Outcome {
             decision,
-            reasons: findings.iter().map(|f| f.reason).collect(),
+            reasons,
             trace,
             failed_tools,
         }
@@ -382,8 +379,9 @@ mod tests {
             .trace
             .iter()
             .map(|s| {
-                let data = s.data.as_ref().map(|d| d.to_string()).unwrap_or_default();
-                (s.step.clone(), s.detail.clone(), s.attempts, data)
+                let data = s.data.as_ref().map(|d| serde_json::to_string(d).unwrap());
+                let data = data.unwrap_or_default();
+                (s.step.to_string(), s.detail.to_string(), s.attempts, data)
             })
             .collect()
     }

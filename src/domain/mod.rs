@@ -4,9 +4,11 @@ mod decision;
 mod ids;
 mod money;
 
-pub use decision::{Decision, Reason, TraceStep};
+pub use decision::{Decision, Reason, StepData, TraceStep};
 pub use ids::{CustomerId, IdError, IdempotencyKey, PayeeId, RequestId, new_id};
-pub use money::{AmountError, Currency, CurrencyError, MAX_MAJOR_UNITS, Money, format_minor};
+pub use money::{
+    AmountError, Currency, CurrencyError, MAX_MAJOR_UNITS, MinorUnits, Money, format_minor,
+};
 
 /// A payment request after parsing: nothing past the HTTP layer sees raw input.
 #[derive(Clone, Debug)]

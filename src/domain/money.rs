@@ -227,26 +227,44 @@ fn is_plain_number(text: &str) -> bool {
     i == b.len()
 }
 
+/// `minor` units shown with exactly `exponent` decimals (`MinorUnits(30000, 2)` shows as
+/// `300.00`), written straight into whatever formats it.
+#[derive(Clone, Copy, Debug)]
+pub struct MinorUnits(pub i64, pub u32);
+
+impl fmt::Display for MinorUnits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let MinorUnits(minor, exponent) = *self;
+        let sign = if minor < 0 { "-" } else { "" };
+        let abs = minor.unsigned_abs();
+        if exponent == 0 {
+            return write!(f, "{sign}{abs}");
+        }
+        let scale = 10_u64.pow(exponent);
+        write!(
+            f,
+            "{sign}{}.{:0width$}",
+            abs / scale,
+            abs % scale,
+            width = exponent as usize
+        )
+    }
+}
+
+impl serde::Serialize for MinorUnits {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// Writes `minor` units with exactly `exponent` decimals: `format_minor(30000, 2)` is `300.00`.
 pub fn format_minor(minor: i64, exponent: u32) -> String {
-    if exponent == 0 {
-        return minor.to_string();
-    }
-    let scale = 10_i64.pow(exponent);
-    let sign = if minor < 0 { "-" } else { "" };
-    let abs = minor.unsigned_abs();
-    let scale = scale.unsigned_abs();
-    format!(
-        "{sign}{}.{:0width$}",
-        abs / scale,
-        abs % scale,
-        width = exponent as usize
-    )
+    MinorUnits(minor, exponent).to_string()
 }
 
 impl fmt::Display for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&format_minor(self.minor, self.currency.exponent()))
+        MinorUnits(self.minor, self.currency.exponent()).fmt(f)
     }
 }
 
