@@ -208,13 +208,19 @@ impl JsonFields<'_, '_> {
             return;
         }
         let name = name.strip_prefix("r#").unwrap_or(name);
-        self.result = (|| {
-            self.out.write_char(',')?;
-            json_string(self.out, format_args!("{name}"))?;
-            self.out.write_char(':')?;
-            value(self.out)
-        })();
+        self.result = write_entry(self.out, name, value);
     }
+}
+
+fn write_entry(
+    out: &mut format::Writer<'_>,
+    name: &str,
+    value: impl FnOnce(&mut format::Writer<'_>) -> fmt::Result,
+) -> fmt::Result {
+    out.write_char(',')?;
+    json_string(out, format_args!("{name}"))?;
+    out.write_char(':')?;
+    value(out)
 }
 
 impl Visit for JsonFields<'_, '_> {
