@@ -438,6 +438,83 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// A counter of `/proc/PID/io` (`write_bytes:`: bytes the process sent to the disk); Linux
+/// only.
+fn proc_io(pid: u32, field: &str) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io_counter(&io, field)
+}
+
+fn io_counter(io: &str, field: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What the threads of one name used: time on a core, and time runnable but waiting for
+/// one (the kernel's `schedstat`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct ThreadUse {
+    threads: usize,
+    on_core: Duration,
+    waiting: Duration,
+}
+
+/// A process's threads by name (tokio's workers share one), with the time they ran and
+/// waited so far; Linux only. A thread that ends while it is read is left out.
+fn proc_threads(pid: u32) -> Option<BTreeMap<String, ThreadUse>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut by_name = BTreeMap::<String, ThreadUse>::new();
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |file| std::fs::read_to_string(path.join(file)).ok();
+        let (Some(name), Some(sched)) = (read("comm"), read("schedstat")) else {
+            continue;
+        };
+        let Some((on_core, waiting)) = schedstat(&sched) else {
+            continue;
+        };
+        let entry = by_name.entry(name.trim_end().to_owned()).or_default();
+        entry.threads += 1;
+        entry.on_core += on_core;
+        entry.waiting += waiting;
+    }
+    (!by_name.is_empty()).then_some(by_name)
+}
+
+/// The first two numbers of a `schedstat` line: nanoseconds on a core, nanoseconds waiting.
+fn schedstat(line: &str) -> Option<(Duration, Duration)> {
+    let mut numbers = line.split_whitespace().map(|n| n.parse::<u64>().ok());
+    let on_core = numbers.next()??;
+    let waiting = numbers.next()??;
+    Some((Duration::from_nanos(on_core), Duration::from_nanos(waiting)))
+}
+
+/// What each name's threads used between two samples, the busiest first; names that used
+/// nothing are left out. A thread that ended between the samples takes its time with it.
+fn thread_use_between(
+    before: &BTreeMap<String, ThreadUse>,
+    after: &BTreeMap<String, ThreadUse>,
+) -> Vec<(String, ThreadUse)> {
+    let mut used: Vec<(String, ThreadUse)> = after
+        .iter()
+        .map(|(name, a)| {
+            let b = before.get(name).copied().unwrap_or_default();
+            let used = ThreadUse {
+                threads: a.threads.max(b.threads),
+                on_core: a.on_core.saturating_sub(b.on_core),
+                waiting: a.waiting.saturating_sub(b.waiting),
+            };
+            (name.clone(), used)
+        })
+        .filter(|(_, u)| !u.on_core.is_zero())
+        .collect();
+    used.sort_by(|a, b| b.1.on_core.cmp(&a.1.on_core).then_with(|| a.0.cmp(&b.0)));
+    used
+}
+
 // ---------------------------------------------------------------------------------------
 // Set-up files
 
@@ -676,6 +753,10 @@ struct PhaseStats {
     /// CPU time the server and this load generator used while measuring.
     server_cpu: Option<Duration>,
     client_cpu: Option<Duration>,
+    /// The server's threads by name, while measuring (see [`thread_use_between`]).
+    server_threads: Vec<(String, ThreadUse)>,
+    /// Bytes the server sent to the disk while measuring.
+    server_disk_writes: Option<u64>,
 }
 
 impl PhaseStats {
@@ -827,6 +908,14 @@ fn proc_cpu(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// What the sampler saw of the server while measuring.
+struct ServerUse {
+    peak_rss_kib: Option<u64>,
+    cpu: Option<Duration>,
+    threads: Vec<(String, ThreadUse)>,
+    disk_writes: Option<u64>,
+}
+
 /// Drives one workload with every connection, sampling the server's RSS and CPU meanwhile.
 async fn run_phase(
     args: &BenchArgs,
@@ -846,8 +935,11 @@ async fn run_phase(
             let server = server.as_deref().and_then(proc_cpu);
             (server, proc_cpu("self"))
         };
+        let threads = || pid.and_then(proc_threads).unwrap_or_default();
+        let disk_writes = || pid.and_then(|p| proc_io(p, "write_bytes:"));
         tokio::time::sleep_until(measure_from.into()).await;
         let before = cpu();
+        let (threads_before, disk_before) = (threads(), disk_writes());
         let mut peak = None;
         while Instant::now() < stop_at {
             if let Some(pid) = pid {
@@ -858,8 +950,17 @@ async fn run_phase(
             tokio::time::sleep(left.min(Duration::from_millis(50))).await;
         }
         let after = cpu();
+        let (threads_after, disk_after) = (threads(), disk_writes());
         let used = |a: Option<Duration>, b: Option<Duration>| Some(a?.saturating_sub(b?));
-        (peak, used(after.0, before.0), used(after.1, before.1))
+        let server = ServerUse {
+            peak_rss_kib: peak,
+            cpu: used(after.0, before.0),
+            threads: thread_use_between(&threads_before, &threads_after),
+            disk_writes: disk_after
+                .zip(disk_before)
+                .map(|(a, b)| a.saturating_sub(b)),
+        };
+        (server, used(after.1, before.1))
     });
     let mut stats = PhaseStats {
         name: load.name(),
@@ -877,7 +978,12 @@ async fn run_phase(
     }
     stats.elapsed = stop_at.saturating_duration_since(measure_from);
     stats.latencies_us.sort_unstable();
-    (stats.peak_rss_kib, stats.server_cpu, stats.client_cpu) = sampler.await?;
+    let (server, client_cpu) = sampler.await?;
+    stats.peak_rss_kib = server.peak_rss_kib;
+    stats.server_cpu = server.cpu;
+    stats.server_threads = server.threads;
+    stats.server_disk_writes = server.disk_writes;
+    stats.client_cpu = client_cpu;
     Ok(stats)
 }
 
@@ -906,6 +1012,43 @@ fn errors_text(s: &PhaseStats) -> String {
         "0".into()
     } else {
         parts.join(" ")
+    }
+}
+
+/// Where the server's time went during a phase, thread by thread, and what it wrote to disk,
+/// per answered request; nothing when the server is not ours to read.
+fn print_threads(s: &PhaseStats) {
+    if s.server_threads.is_empty() {
+        return;
+    }
+    let answered = s.requests().max(1) as f64;
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    println!();
+    println!(
+        "server threads during {} (by name; time on a core, and runnable but waiting for one):",
+        s.name
+    );
+    println!();
+    println!(
+        "| thread | threads | CPU µs/req | on a core (threads, mean) | waiting for a core (threads, mean) |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (name, used) in &s.server_threads {
+        println!(
+            "| {name} | {} | {:.1} | {:.2} | {:.2} |",
+            used.threads,
+            used.on_core.as_secs_f64() * 1e6 / answered,
+            used.on_core.as_secs_f64() / secs,
+            used.waiting.as_secs_f64() / secs,
+        );
+    }
+    if let Some(bytes) = s.server_disk_writes {
+        println!();
+        println!(
+            "server disk writes during {}: {:.1} KiB per request",
+            s.name,
+            bytes as f64 / 1024.0 / answered
+        );
     }
 }
 
@@ -952,6 +1095,7 @@ fn print_report(args: &BenchArgs, r: &Report) {
             cores(s.client_cpu),
         );
     }
+    print_threads(&r.decide);
     let ratio = r.decide.rps() / r.healthz.rps().max(1e-9);
     println!();
     println!("decisions/s ÷ healthz/s: {ratio:.3}");
@@ -1006,6 +1150,84 @@ mod tests {
         assert_eq!(policy.velocity.max_payments, 1_000_000_000);
         assert_eq!(policy.velocity.window_secs, 1);
         assert!(policy.blocked_payees.contains("p_blocked"));
+    }
+
+    #[test]
+    fn schedstat_and_io_lines_are_read_exactly() {
+        assert_eq!(
+            schedstat("1234567 890 12\n"),
+            Some((Duration::from_nanos(1_234_567), Duration::from_nanos(890)))
+        );
+        assert_eq!(schedstat("1234567\n"), None);
+        assert_eq!(schedstat("x 1 2"), None);
+        let io = "rchar: 10\nwchar: 20\nwrite_bytes: 40960\ncancelled_write_bytes: 0\n";
+        assert_eq!(io_counter(io, "write_bytes:"), Some(40960));
+        assert_eq!(io_counter(io, "read_bytes:"), None);
+    }
+
+    #[test]
+    fn thread_use_is_what_each_name_used_between_samples_busiest_first() {
+        let at = |threads, on_core_ms, waiting_ms| ThreadUse {
+            threads,
+            on_core: Duration::from_millis(on_core_ms),
+            waiting: Duration::from_millis(waiting_ms),
+        };
+        let before = BTreeMap::from([
+            ("writer".to_owned(), at(1, 100, 10)),
+            ("worker".to_owned(), at(2, 50, 5)),
+            ("idle".to_owned(), at(1, 7, 1)),
+            // A thread that ended, with the most time of all: it is not counted.
+            ("gone".to_owned(), at(1, 900, 0)),
+        ]);
+        let after = BTreeMap::from([
+            ("writer".to_owned(), at(1, 130, 12)),
+            ("worker".to_owned(), at(2, 110, 35)),
+            ("idle".to_owned(), at(1, 7, 1)),
+            ("new".to_owned(), at(1, 4, 2)),
+        ]);
+        assert_eq!(
+            thread_use_between(&before, &after),
+            vec![
+                ("worker".to_owned(), at(2, 60, 30)),
+                ("writer".to_owned(), at(1, 30, 2)),
+                ("new".to_owned(), at(1, 4, 2)),
+            ]
+        );
+    }
+
+    /// Reads this test's own process: a thread that spins shows up under its name, with the
+    /// time it spent on a core.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_busy_thread_is_found_by_name_with_its_cpu_time() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinning = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("bench-spinner".into())
+                .spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n = std::hint::black_box(n.wrapping_add(1));
+                    }
+                })
+                .unwrap()
+        };
+        let pid = std::process::id();
+        let before = proc_threads(pid).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let after = proc_threads(pid).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        spinning.join().unwrap();
+        let used = thread_use_between(&before, &after);
+        let (_, spinner) = used
+            .iter()
+            .find(|(name, _)| name == "bench-spinner")
+            .expect("the spinning thread is listed by its name");
+        assert_eq!(spinner.threads, 1);
+        // 200 ms of spinning: at least a few milliseconds on a core, however busy the machine.
+        assert!(spinner.on_core >= Duration::from_millis(5), "{spinner:?}");
     }
 
     #[test]

@@ -412,7 +412,7 @@ impl Writer {
         let checkpointer = {
             let durable = durable.clone();
             std::thread::Builder::new()
-                .name("sqlite-checkpoint".into())
+                .name("sqlite-checkpt".into())
                 .spawn(move || {
                     checkpoint_loop(
                         checkpoints,
