@@ -453,8 +453,17 @@ fn io_counter(io: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// What the threads of one name used: time on a core, and time runnable but waiting for
-/// one (the kernel's `schedstat`).
+/// One thread as sampled: its name, and the time it ran and waited so far (the kernel's
+/// `schedstat`).
+#[derive(Clone, Debug, PartialEq)]
+struct ThreadSample {
+    name: String,
+    on_core: Duration,
+    waiting: Duration,
+}
+
+/// What the threads of one name used between two samples: time on a core, and time
+/// runnable but waiting for one.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct ThreadUse {
     threads: usize,
@@ -462,12 +471,14 @@ struct ThreadUse {
     waiting: Duration,
 }
 
-/// A process's threads by name (tokio's workers share one), with the time they ran and
-/// waited so far; Linux only. A thread that ends while it is read is left out.
-fn proc_threads(pid: u32) -> Option<BTreeMap<String, ThreadUse>> {
+/// A process's threads by id; Linux only. A thread that ends while it is read is left out.
+fn proc_threads(pid: u32) -> Option<BTreeMap<u32, ThreadSample>> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let mut by_name = BTreeMap::<String, ThreadUse>::new();
+    let mut threads = BTreeMap::new();
     for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
         let path = task.path();
         let read = |file| std::fs::read_to_string(path.join(file)).ok();
         let (Some(name), Some(sched)) = (read("comm"), read("schedstat")) else {
@@ -476,12 +487,17 @@ fn proc_threads(pid: u32) -> Option<BTreeMap<String, ThreadUse>> {
         let Some((on_core, waiting)) = schedstat(&sched) else {
             continue;
         };
-        let entry = by_name.entry(name.trim_end().to_owned()).or_default();
-        entry.threads += 1;
-        entry.on_core += on_core;
-        entry.waiting += waiting;
+        let name = name.trim_end().to_owned();
+        threads.insert(
+            tid,
+            ThreadSample {
+                name,
+                on_core,
+                waiting,
+            },
+        );
     }
-    (!by_name.is_empty()).then_some(by_name)
+    (!threads.is_empty()).then_some(threads)
 }
 
 /// The first two numbers of a `schedstat` line: nanoseconds on a core, nanoseconds waiting.
@@ -492,24 +508,29 @@ fn schedstat(line: &str) -> Option<(Duration, Duration)> {
     Some((Duration::from_nanos(on_core), Duration::from_nanos(waiting)))
 }
 
-/// What each name's threads used between two samples, the busiest first; names that used
-/// nothing are left out. A thread that ended between the samples takes its time with it.
+/// What the threads alive at the second sample used since the first (all of their time if
+/// they started in between), grouped by name (tokio's workers share one), the busiest
+/// first; names that used nothing are left out.
 fn thread_use_between(
-    before: &BTreeMap<String, ThreadUse>,
-    after: &BTreeMap<String, ThreadUse>,
+    before: &BTreeMap<u32, ThreadSample>,
+    after: &BTreeMap<u32, ThreadSample>,
 ) -> Vec<(String, ThreadUse)> {
-    let mut used: Vec<(String, ThreadUse)> = after
-        .iter()
-        .map(|(name, a)| {
-            let b = before.get(name).copied().unwrap_or_default();
-            let used = ThreadUse {
-                threads: a.threads.max(b.threads),
-                on_core: a.on_core.saturating_sub(b.on_core),
-                waiting: a.waiting.saturating_sub(b.waiting),
-            };
-            (name.clone(), used)
-        })
+    let mut by_name = BTreeMap::<&str, ThreadUse>::new();
+    for (tid, now) in after {
+        let (on_core, waiting) = before
+            .get(tid)
+            .map_or((Duration::ZERO, Duration::ZERO), |then| {
+                (then.on_core, then.waiting)
+            });
+        let used = by_name.entry(&now.name).or_default();
+        used.threads += 1;
+        used.on_core += now.on_core.saturating_sub(on_core);
+        used.waiting += now.waiting.saturating_sub(waiting);
+    }
+    let mut used: Vec<(String, ThreadUse)> = by_name
+        .into_iter()
         .filter(|(_, u)| !u.on_core.is_zero())
+        .map(|(name, u)| (name.to_owned(), u))
         .collect();
     used.sort_by(|a, b| b.1.on_core.cmp(&a.1.on_core).then_with(|| a.0.cmp(&b.0)));
     used
@@ -1167,30 +1188,38 @@ mod tests {
 
     #[test]
     fn thread_use_is_what_each_name_used_between_samples_busiest_first() {
-        let at = |threads, on_core_ms, waiting_ms| ThreadUse {
-            threads,
+        let at = |name: &str, on_core_ms, waiting_ms| ThreadSample {
+            name: name.to_owned(),
             on_core: Duration::from_millis(on_core_ms),
             waiting: Duration::from_millis(waiting_ms),
         };
         let before = BTreeMap::from([
-            ("writer".to_owned(), at(1, 100, 10)),
-            ("worker".to_owned(), at(2, 50, 5)),
-            ("idle".to_owned(), at(1, 7, 1)),
-            // A thread that ended, with the most time of all: it is not counted.
-            ("gone".to_owned(), at(1, 900, 0)),
+            (10, at("writer", 100, 10)),
+            (11, at("worker", 50, 5)),
+            (12, at("worker", 20, 1)),
+            (13, at("idle", 7, 1)),
+            // A worker that ended before the second sample: what it did is not counted,
+            // nor does its absence take anything from the other workers.
+            (14, at("worker", 900, 90)),
         ]);
         let after = BTreeMap::from([
-            ("writer".to_owned(), at(1, 130, 12)),
-            ("worker".to_owned(), at(2, 110, 35)),
-            ("idle".to_owned(), at(1, 7, 1)),
-            ("new".to_owned(), at(1, 4, 2)),
+            (10, at("writer", 130, 12)),
+            (11, at("worker", 90, 25)),
+            (12, at("worker", 40, 11)),
+            (13, at("idle", 7, 1)),
+            // Started between the samples: all of its time counts.
+            (15, at("worker", 4, 2)),
         ]);
+        let used = |threads, on_core_ms, waiting_ms| ThreadUse {
+            threads,
+            on_core: Duration::from_millis(on_core_ms),
+            waiting: Duration::from_millis(waiting_ms),
+        };
         assert_eq!(
             thread_use_between(&before, &after),
             vec![
-                ("worker".to_owned(), at(2, 60, 30)),
-                ("writer".to_owned(), at(1, 30, 2)),
-                ("new".to_owned(), at(1, 4, 2)),
+                ("worker".to_owned(), used(3, 64, 32)),
+                ("writer".to_owned(), used(1, 30, 2)),
             ]
         );
     }
