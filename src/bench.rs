@@ -5,8 +5,9 @@
 //! synthetic customers (large balances, clean risk, a known payee) and a rate limit that
 //! never binds. Then it drives `POST /payments/decide` with K keep-alive connections for D
 //! seconds, each request with a fresh idempotency key, then `GET /healthz` of the same server
-//! the same way (the ceiling of the HTTP stack), prints a table and, last, one line for
-//! scripts:
+//! the same way (the ceiling of the HTTP stack), prints a table, then where the server's
+//! time went during the decisions (its threads by name: CPU per decision, time on a core and
+//! time waiting for one) and what it wrote to disk, and, last, one line for scripts:
 //!
 //! `BENCH store=sqlite decide_rps=… healthz_rps=… ratio=… p50_ms=… p99_ms=… errors=… rss_mb=…`
 //!
