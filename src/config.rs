@@ -137,12 +137,22 @@ impl ApiKeys {
             if name.is_empty() {
                 return Err("API key names (before ':') must not be empty".into());
             }
-            if keys.iter().any(|k: &ApiKey| *k.name == *name) {
-                return Err(format!("API key name {name:?} is given twice"));
+            // A name may have several keys: rotating a caller's key means giving its new key
+            // the same name, so that its retries keep their idempotency scope. One key under
+            // two names would make the caller's identity ambiguous.
+            let digest = digest(secret.as_bytes());
+            if let Some(other) = keys.iter().find(|k: &&ApiKey| k.digest == digest) {
+                if *other.name != *name {
+                    return Err(format!(
+                        "one API key is given under two names, {:?} and {name:?}",
+                        &*other.name
+                    ));
+                }
+                continue;
             }
             keys.push(ApiKey {
                 name: name.into(),
-                digest: digest(secret.as_bytes()),
+                digest,
             });
         }
         if keys.is_empty() {
@@ -301,7 +311,27 @@ mod tests {
         let keys = ApiKeys::parse(Some("my:secret-key-123"), None).unwrap();
         assert!(keys.identify(b"my:secret-key-123").is_some());
         assert!(keys.identify(b"secret-key-123").is_none());
-        assert!(ApiKeys::parse(None, Some("a:key-one-111,a:key-two-222")).is_err());
+    }
+
+    #[test]
+    fn a_rotated_key_keeps_its_callers_name() {
+        let keys = ApiKeys::parse(None, Some("app:old-key-1111, app:new-key-2222")).unwrap();
+        assert_eq!(&*keys.identify(b"old-key-1111").unwrap(), "app");
+        assert_eq!(&*keys.identify(b"new-key-2222").unwrap(), "app");
+        let err = ApiKeys::parse(None, Some("a:same-key-1111,b:same-key-1111")).unwrap_err();
+        assert!(err.contains("two names"), "{err}");
+        assert!(err.contains("\"a\"") && err.contains("\"b\""), "{err}");
+        assert!(
+            !err.contains("same-key-1111"),
+            "the secret is not shown: {err}"
+        );
+        assert_eq!(
+            ApiKeys::parse(None, Some("a:same-key-1111,a:same-key-1111"))
+                .unwrap()
+                .0
+                .len(),
+            1
+        );
     }
 
     #[test]

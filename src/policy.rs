@@ -17,14 +17,25 @@ pub const DEFAULT_POLICY: &str = include_str!("../policy/default.toml");
 /// enough that every currency's minor units fit in an `i64`.
 const MAX_THRESHOLD: i64 = 1_000_000_000_000;
 
+/// A threshold, written as a decimal string and read exactly: one with more digits than a
+/// decimal holds is refused, not rounded (rounding up would raise a limit).
+fn exact_decimal<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    Decimal::from_str_exact(&text).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an exact decimal such as \"1000.00\""
+        ))
+    })
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(deserialize_with = "exact_decimal")]
     pub high_amount: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(deserialize_with = "exact_decimal")]
     pub per_payment_limit: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(deserialize_with = "exact_decimal")]
     pub daily_limit: Decimal,
     pub blocked_payees: HashSet<String>,
     pub recent_disputes_threshold: u32,
@@ -172,5 +183,10 @@ mod tests {
         assert!(Policy::parse(&huge).is_err());
         let long = DEFAULT_POLICY.replace("window_secs = 600", "window_secs = 99999999999");
         assert!(Policy::parse(&long).is_err());
+        // Rounded to fit a decimal, this would be a 5000.00 limit instead of 4999.99.
+        let inexact =
+            DEFAULT_POLICY.replace("\"5000.00\"", "\"4999.9999999999999999999999999999999\"");
+        let err = Policy::parse(&inexact).unwrap_err().to_string();
+        assert!(err.contains("not an exact decimal"), "{err}");
     }
 }

@@ -137,37 +137,66 @@ pub enum AmountError {
 
 impl Money {
     /// Parses the exact decimal text of an amount (`"125.50"`, `"1e3"`, `"42"`) for `currency`.
+    ///
+    /// The text is read digit by digit into its significant digits and a power of ten, so an
+    /// amount is never rounded, however many digits or whatever exponent it is written with:
+    /// `"0.00000000000000000000000000015e28"` is 1.5, and `"1.0000000000000000000000000000001"`
+    /// has too many decimals for any currency.
     pub fn parse(text: &str, currency: Currency) -> Result<Self, AmountError> {
         if text.len() > 64 || !is_plain_number(text) {
             return Err(AmountError::NotANumber);
         }
-        let value = if text.contains(['e', 'E']) {
-            Decimal::from_scientific(text)
-        } else {
-            Decimal::from_str_exact(text)
-        }
-        .map_err(|_| AmountError::NotANumber)?;
-        Self::from_decimal(value, currency)
-    }
+        let (negative, unsigned) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+            Some((mantissa, exponent)) => (mantissa, parse_exponent(exponent)),
+            None => (unsigned, 0),
+        };
+        let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
 
-    /// Converts an exact decimal, refusing anything that is not a positive amount the
-    /// currency can represent.
-    pub fn from_decimal(value: Decimal, currency: Currency) -> Result<Self, AmountError> {
-        if value <= Decimal::ZERO {
+        // value = digits × 10^exponent, with no leading or trailing zeros in `digits`.
+        let mut digits = [0_u8; 64];
+        let mut len = 0;
+        for b in whole.bytes().chain(fraction.bytes()) {
+            if len > 0 || b != b'0' {
+                digits[len] = b - b'0';
+                len += 1;
+            }
+        }
+        let mut exponent = exponent - fraction.len() as i64;
+        while len > 0 && digits[len - 1] == 0 {
+            len -= 1;
+            exponent += 1;
+        }
+        let digits = &digits[..len];
+        if digits.is_empty() || negative {
             return Err(AmountError::NotPositive);
         }
-        if value > Decimal::from(MAX_MAJOR_UNITS) {
+
+        // The digits before the decimal point; more than 18 cannot be under the maximum.
+        let whole_len = len as i64 + exponent;
+        if whole_len > 18 {
             return Err(AmountError::TooLarge);
         }
-        let value = value.normalize();
-        if value.scale() > currency.exponent() {
+        let whole_part = (0..whole_len.max(0)).fold(0_i64, |acc, i| {
+            acc * 10 + i64::from(digits.get(i as usize).copied().unwrap_or(0))
+        });
+        let has_fraction = (len as i64) > whole_len;
+        if whole_part > MAX_MAJOR_UNITS || (whole_part == MAX_MAJOR_UNITS && has_fraction) {
+            return Err(AmountError::TooLarge);
+        }
+        // The last digit is not zero, so it sets the number of decimals.
+        if exponent < -i64::from(currency.exponent()) {
             return Err(AmountError::TooPrecise {
                 currency,
                 exponent: currency.exponent(),
             });
         }
-        let minor = value * Decimal::from(10_i64.pow(currency.exponent()));
-        let minor = i64::try_from(minor).map_err(|_| AmountError::TooLarge)?;
+        // At most the maximum's 10 digits plus the currency's, so this cannot overflow.
+        let scale = 10_i64.pow((exponent + i64::from(currency.exponent())) as u32);
+        let minor = digits.iter().fold(0_i64, |acc, &d| acc * 10 + i64::from(d)) * scale;
         Ok(Money { minor, currency })
     }
 
@@ -225,6 +254,20 @@ fn is_plain_number(text: &str) -> bool {
         }
     }
     i == b.len()
+}
+
+/// The exponent after `e`: `[+-]?digits`, already checked by [`is_plain_number`]. Held within
+/// ±1,000,000: any amount whose exponent reaches that is too large or too precise either way.
+fn parse_exponent(text: &str) -> i64 {
+    let (negative, digits) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let magnitude = digits.bytes().fold(0_i64, |acc, b| {
+        (acc * 10 + i64::from(b - b'0')).min(1_000_000)
+    });
+    if negative { -magnitude } else { magnitude }
 }
 
 /// `minor` units shown with exactly `exponent` decimals (`MinorUnits(30000, 2)` shows as
@@ -325,6 +368,76 @@ mod tests {
         assert_eq!(Money::parse("10.000", cur("USD")).unwrap().minor(), 1000);
         // 0.1 + 0.2 style values stay exact.
         assert_eq!(Money::parse("0.30", cur("USD")).unwrap().minor(), 30);
+        // More digits than a 96-bit decimal holds are read, not rounded.
+        let usd = cur("USD");
+        let exact = |text: &str| Money::parse(text, usd).map(|m| m.minor());
+        assert_eq!(exact("0.00000000000000000000000000015e28"), Ok(150));
+        assert_eq!(exact("0.000000000000000000000000000050e28"), Ok(50));
+        assert_eq!(exact("1.000000000000000000000000000000000"), Ok(100));
+        assert_eq!(exact("000000000000000000000000000000001.5"), Ok(150));
+        assert_eq!(exact("125E-2"), Ok(125));
+        assert_eq!(exact("0.0125e+4"), Ok(12500));
+        assert_eq!(exact("1e9"), Ok(100_000_000_000));
+        for too_precise in [
+            "0.0000000000000000000000000001234e28",
+            "0.0999999999999999999999999999999e1",
+            "1.0000000000000000000000000000001",
+            "1.0000000000000000000000000000001e0",
+            "1e-3",
+        ] {
+            assert!(
+                matches!(exact(too_precise), Err(AmountError::TooPrecise { .. })),
+                "{too_precise}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Any way of writing an amount (zeros before it or after it, the point anywhere, an
+        /// exponent or none) parses to exactly that amount; one more non-zero digit past the
+        /// currency's decimals is refused, never rounded away.
+        #[test]
+        fn every_spelling_of_an_amount_parses_to_it(
+            minor in 1_i64..=100_000_000_000,
+            lead in 0_usize..20,
+            trail in 0_usize..20,
+            point: proptest::sample::Index,
+            upper: bool,
+            extra in proptest::option::of(1_u8..10),
+        ) {
+            // digits × 10^-(2 + trail + extra digit) is the amount in USD.
+            let mut digits = format!("{}{minor}{}", "0".repeat(lead), "0".repeat(trail));
+            let mut scale = 2 + trail as i64;
+            if let Some(d) = extra {
+                digits.push(char::from(b'0' + d));
+                scale += 1;
+            }
+            // A point after `at` digits leaves `len - at` decimals; the exponent makes up the rest.
+            let at = 1 + point.index(digits.len());
+            let decimals = (digits.len() - at) as i64;
+            let exponent = decimals - scale;
+            let mantissa = if at == digits.len() {
+                digits.clone()
+            } else {
+                format!("{}.{}", &digits[..at], &digits[at..])
+            };
+            let text = if exponent == 0 && !upper {
+                mantissa
+            } else {
+                format!("{mantissa}{}{exponent}", if upper { 'E' } else { 'e' })
+            };
+            let parsed = Money::parse(&text, Currency::USD);
+            match extra {
+                None => proptest::prop_assert_eq!(parsed.map(|m| m.minor()), Ok(minor), "{}", text),
+                Some(_) if minor == 100_000_000_000 => {
+                    proptest::prop_assert_eq!(parsed, Err(AmountError::TooLarge), "{}", text)
+                }
+                Some(_) => proptest::prop_assert!(
+                    matches!(parsed, Err(AmountError::TooPrecise { .. })),
+                    "{}: {:?}", text, parsed
+                ),
+            }
+        }
     }
 
     #[test]
@@ -341,7 +454,18 @@ mod tests {
             Money::parse("1.5", cur("JPY")),
             Err(AmountError::TooPrecise { .. })
         ));
-        assert_eq!(Money::parse("1e300", usd), Err(AmountError::NotANumber));
+        assert_eq!(Money::parse("1e300", usd), Err(AmountError::TooLarge));
+        assert!(matches!(
+            Money::parse("1e-300", usd),
+            Err(AmountError::TooPrecise { .. })
+        ));
+        assert_eq!(
+            Money::parse("1e99999999999999999999999999999999999999", usd),
+            Err(AmountError::TooLarge)
+        );
+        assert_eq!(Money::parse("-0", usd), Err(AmountError::NotPositive));
+        assert_eq!(Money::parse("0e5", usd), Err(AmountError::NotPositive));
+        assert_eq!(Money::parse("-1e3", usd), Err(AmountError::NotPositive));
         assert_eq!(
             Money::parse("1000000000.01", usd),
             Err(AmountError::TooLarge)
@@ -360,7 +484,12 @@ mod tests {
         }
         assert_eq!(
             Money::parse("99999999999999999999999999999999", usd),
-            Err(AmountError::NotANumber)
+            Err(AmountError::TooLarge)
+        );
+        assert_eq!(
+            Money::parse(&"9".repeat(65), usd),
+            Err(AmountError::NotANumber),
+            "longer than any amount needs"
         );
     }
 

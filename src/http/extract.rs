@@ -3,6 +3,8 @@
 //! * wrong or missing `Content-Type` → 415
 //! * body over the limit → 413
 //! * not JSON at all, or trailing garbage → 400 `malformed_json`
+//! * valid JSON that is not an object (an array, a string, a number…) → 422
+//!   `validation_failed` on `body`: serde would otherwise read an array as the fields in order
 //! * valid JSON of the wrong shape (types, missing, unknown or duplicate fields) → 422
 //!   `validation_failed`, naming the field path
 
@@ -30,8 +32,23 @@ fn quoted_field(message: &str) -> Option<&str> {
     Some(&message[start..start + len])
 }
 
-/// Turns a body into `T`, classifying failures as the module doc says.
+/// Turns a body into `T`, classifying failures as the module doc says. Every body of this
+/// API is a JSON object.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    let first = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => AppError::Invalid(vec![FieldError::new(
+                    "body",
+                    "must be a JSON object".to_owned(),
+                )]),
+                Err(e) => AppError::MalformedJson(e.to_string()),
+            },
+        );
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let err = match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(v) => {
@@ -108,6 +125,51 @@ pub struct BodyLimit(pub usize);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Pair {
+        a: String,
+        b: i64,
+    }
+
+    fn invalid_field(result: Result<Pair, AppError>) -> Option<String> {
+        match result {
+            Err(AppError::Invalid(errors)) => Some(errors[0].field.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn only_an_object_is_a_body() {
+        assert!(parse_json::<Pair>(br#" {"a":"x","b":1}"#).is_ok());
+        // serde alone would take an array as the fields in order.
+        for not_an_object in [
+            &br#"["x",1]"#[..],
+            b"\n [\"x\", 1]",
+            b"1",
+            b"\"x\"",
+            b"null",
+            b"true",
+        ] {
+            assert_eq!(
+                invalid_field(parse_json::<Pair>(not_an_object)).as_deref(),
+                Some("body"),
+                "{}",
+                String::from_utf8_lossy(not_an_object)
+            );
+        }
+        for malformed in [&b""[..], b"   ", b"[1,", b"nul", b"\xef\xbb\xbf{}"] {
+            assert!(
+                matches!(
+                    parse_json::<Pair>(malformed),
+                    Err(AppError::MalformedJson(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(malformed)
+            );
+        }
+    }
 
     #[test]
     fn json_content_types_are_recognised() {

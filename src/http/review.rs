@@ -1,7 +1,8 @@
 //! Reviewers' endpoints: cases opened by `review`/`block` decisions, and the lifecycle of the
 //! reservations made by `allow` decisions and approvals.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +132,20 @@ const NO_RESERVATION: AppError = AppError::NoSuch {
     what: "reservation",
 };
 
+/// The `{id}` of the path. One that is not UTF-8 once percent-decoded cannot name a record:
+/// it reaches the handler empty and is answered as a missing record, like any malformed id,
+/// instead of axum's plain-text 400.
+pub struct RecordId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for RecordId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let id = Path::<String>::from_request_parts(parts, state).await;
+        Ok(RecordId(id.map(|Path(id)| id).unwrap_or_default()))
+    }
+}
+
 /// Ids we issue are short and plain; anything else cannot exist.
 fn checked_id(id: &str, missing: AppError) -> Result<&str, AppError> {
     if !id.is_empty()
@@ -146,11 +161,11 @@ fn checked_id(id: &str, missing: AppError) -> Result<&str, AppError> {
 /// `?status=open&limit=50`
 fn list_params(query: Option<&str>) -> Result<(Option<CaseStatus>, u32), AppError> {
     let (mut status, mut limit) = (None, 50);
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
+    // Percent-encoded and `+`-for-space, as browsers and HTTP clients write query strings.
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
             "status" => {
-                status = Some(CaseStatus::parse(value).ok_or_else(|| {
+                status = Some(CaseStatus::parse(&value).ok_or_else(|| {
                     AppError::Invalid(vec![FieldError::new(
                         "status",
                         "must be open, approved or declined",
@@ -168,7 +183,7 @@ fn list_params(query: Option<&str>) -> Result<(Option<CaseStatus>, u32), AppErro
             }
             other => {
                 return Err(AppError::Invalid(vec![FieldError::new(
-                    other,
+                    other.to_owned(),
                     "unknown query parameter; use status and limit",
                 )]));
             }
@@ -215,7 +230,7 @@ pub async fn list_cases(
     ))]
 pub async fn get_case(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    RecordId(id): RecordId,
 ) -> Result<Json<CaseResponse>, AppError> {
     let case = app
         .store
@@ -239,7 +254,7 @@ pub async fn get_case(
     ))]
 pub async fn resolve_case(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    RecordId(id): RecordId,
     Extension(committing): Extension<CommitStarted>,
     ApiJson(body): ApiJson<ResolveRequest>,
 ) -> Result<Json<CaseResponse>, AppError> {
@@ -345,7 +360,7 @@ pub async fn resolve_case(
     ))]
 pub async fn get_reservation(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    RecordId(id): RecordId,
 ) -> Result<Json<ReservationResponse>, AppError> {
     let found = app
         .store
@@ -395,7 +410,7 @@ async fn settle(
     ))]
 pub async fn capture_reservation(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    RecordId(id): RecordId,
     Extension(committing): Extension<CommitStarted>,
 ) -> Result<Json<ReservationResponse>, AppError> {
     settle(app, id, Settlement::Capture, committing).await
@@ -413,7 +428,7 @@ pub async fn capture_reservation(
     ))]
 pub async fn release_reservation(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    RecordId(id): RecordId,
     Extension(committing): Extension<CommitStarted>,
 ) -> Result<Json<ReservationResponse>, AppError> {
     settle(app, id, Settlement::Release, committing).await

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{API_KEY, Backend, no_rate_limit, payment, spawn_app, spawn_with};
+use crate::helpers::{API_KEY, Backend, TestApp, no_rate_limit, payment, spawn_app, spawn_with};
 
 crate::on_every_backend!(
     the_same_key_and_payload_replays_the_identical_response,
@@ -14,6 +14,7 @@ crate::on_every_backend!(
     stored_answers_survive_a_restart,
     expired_answers_are_purged_and_the_key_is_free_again,
     idempotency_keys_are_scoped_by_caller,
+    a_rotated_api_key_keeps_the_callers_idempotency_keys,
 );
 
 async fn the_same_key_and_payload_replays_the_identical_response(backend: Backend) {
@@ -169,32 +170,57 @@ async fn expired_answers_are_purged_and_the_key_is_free_again(backend: Backend) 
     app.stop().await;
 }
 
-async fn idempotency_keys_are_scoped_by_caller(backend: Backend) {
+/// An app whose callers are the `API_KEYS` given, and a payment that any of them can send.
+async fn spawn_with_keys(backend: Backend, api_keys: &'static str) -> (TestApp, Value) {
     let app = spawn_with(backend, |c| {
-        c.api_keys =
-            paynow::config::ApiKeys::parse(None, Some("bank-a:key-a-123456,bank-b:key-b-123456"))
-                .unwrap();
+        c.api_keys = paynow::config::ApiKeys::parse(None, Some(api_keys)).unwrap();
     })
     .await;
-    let body = payment("c_456", "600.00", "p_789");
-    let send = |key: &'static str| {
-        app.client
-            .post(app.url("/payments/decide"))
-            .header("X-API-Key", key)
-            .json(&body)
-            .send()
-    };
-    let a: Value = send("key-a-123456").await.unwrap().json().await.unwrap();
+    (app, payment("c_456", "600.00", "p_789"))
+}
+
+async fn send_as(app: &TestApp, key: &str, body: &Value) -> reqwest::Response {
+    app.client
+        .post(app.url("/payments/decide"))
+        .header("X-API-Key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn idempotency_keys_are_scoped_by_caller(backend: Backend) {
+    let (app, body) = spawn_with_keys(backend, "bank-a:key-a-123456,bank-b:key-b-123456").await;
+    let send = |key: &'static str| send_as(&app, key, &body);
+    let a: Value = send("key-a-123456").await.json().await.unwrap();
     assert_eq!(a["decision"], "allow");
     // The same idempotency key from another caller is another payment, not a replay.
-    let b = send("key-b-123456").await.unwrap();
+    let b = send("key-b-123456").await;
     assert!(b.headers().get("idempotent-replayed").is_none());
     let b: Value = b.json().await.unwrap();
     assert_eq!(b["reasons"], json!(["insufficient_funds"]), "{b}");
     // And each caller replays its own answer.
-    let again = send("key-a-123456").await.unwrap();
+    let again = send("key-a-123456").await;
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let again: Value = again.json().await.unwrap();
     assert_eq!(again["requestId"], a["requestId"]);
+    app.stop().await;
+}
+
+/// Rotation: the caller's new key has the name of its old one, so a retry sent with the new key
+/// replays the answer given to the old one instead of paying again.
+async fn a_rotated_api_key_keeps_the_callers_idempotency_keys(backend: Backend) {
+    let (app, body) = spawn_with_keys(backend, "bank-a:old-key-123456,bank-a:new-key-123456").await;
+    let first: Value = send_as(&app, "old-key-123456", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["decision"], "allow", "{first}");
+    let retry = send_as(&app, "new-key-123456", &body).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!(retry["requestId"], first["requestId"]);
+    assert_eq!(retry["reservationId"], first["reservationId"]);
     app.stop().await;
 }

@@ -7,6 +7,7 @@ use crate::helpers::{Backend, no_rate_limit, payment, payment_in, spawn_with};
 crate::on_every_backend!(
     concurrent_payments_never_reserve_more_than_the_balance,
     payments_of_many_customers_decided_together_are_each_exact,
+    an_amount_is_reserved_exactly_however_it_is_written,
 );
 
 /// The default policy with the velocity rule out of the way: 64 payments in a moment would
@@ -129,5 +130,31 @@ async fn payments_of_many_customers_decided_together_are_each_exact(backend: Bac
     assert_eq!(rest["decision"], "allow", "{rest}");
     let (_, over) = app.decide_json(&payment("c_456", "0.01", "p_789")).await;
     assert_eq!(over["reasons"][0], "insufficient_funds", "{over}");
+    app.stop().await;
+}
+
+/// JSON allows any number of digits and any exponent; the amount reserved is the amount
+/// written, never a rounding of it.
+async fn an_amount_is_reserved_exactly_however_it_is_written(backend: Backend) {
+    let app = spawn_with(backend, no_rate_limit).await;
+    for (written, reserved) in [
+        ("0.00000000000000000000000000015e28", "1.50"),
+        ("0.000000000000000000000000000050e28", "0.50"),
+        ("150e-2", "1.50"),
+        ("0.00000000000000000000000000000000000000001250E42", "12.50"),
+        ("1.000000000000000000000000000000000", "1.00"),
+    ] {
+        let (status, body) = app.decide_json(&payment("c_456", written, "p_789")).await;
+        assert_eq!(status, 200, "{written}: {body}");
+        assert_eq!(body["decision"], "allow", "{written}: {body}");
+        let id = body["reservationId"].as_str().unwrap();
+        let reservation: Value = app
+            .get(&format!("/reservations/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(reservation["amount"], reserved, "{written}: {reservation}");
+    }
     app.stop().await;
 }

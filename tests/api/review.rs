@@ -226,6 +226,8 @@ async fn review_endpoints_refuse_bad_input(backend: Backend) {
         (json!({"action": "maybe"}), "action"),
         (json!({"action": "approve", "extra": 1}), "extra"),
         (json!({"note": "no action"}), "action"),
+        // The fields in order, as an array: serde alone would take it.
+        (json!(["decline", "x"]), "body"),
         (
             json!({"action": "decline", "note": "x".repeat(1001)}),
             "note",
@@ -239,17 +241,55 @@ async fn review_endpoints_refuse_bad_input(backend: Backend) {
         ("/cases/case_nope", "case_not_found"),
         ("/reservations/res_nope", "reservation_not_found"),
         ("/cases/..%2Fetc", "case_not_found"),
+        // Not UTF-8 once percent-decoded: still a problem, not the router's plain text.
+        ("/cases/%FF", "case_not_found"),
+        ("/cases/%C3%28", "case_not_found"),
+        ("/reservations/%FF", "reservation_not_found"),
         ("/nope/x", "not_found"),
     ] {
-        let (status, problem) = get(&app, path).await;
+        let res = app.get(path).await;
+        assert_eq!(res.status(), 404, "{path}");
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "{path}"
+        );
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["code"], code, "{path}");
+    }
+    for (path, body, code) in [
+        (
+            "/reservations/res_nope/capture",
+            None,
+            "reservation_not_found",
+        ),
+        ("/reservations/%FF/capture", None, "reservation_not_found"),
+        ("/reservations/%FF/release", None, "reservation_not_found"),
+        (
+            "/cases/%FF/resolve",
+            Some(json!({"action": "decline"})),
+            "case_not_found",
+        ),
+    ] {
+        let (status, problem) = post(&app, path, body).await;
         assert_eq!(status, 404, "{path}");
         assert_eq!(problem["code"], code, "{path}");
     }
-    let (status, _) = post(&app, "/reservations/res_nope/capture", None).await;
-    assert_eq!(status, 404);
-    for query in ["status=closed", "limit=0", "limit=x", "sort=asc"] {
+    for query in [
+        "status=closed",
+        "limit=0",
+        "limit=x",
+        "sort=asc",
+        "status=%FF",
+    ] {
         let (status, _) = get(&app, &format!("/cases?{query}")).await;
         assert_eq!(status, 422, "{query}");
+    }
+    // Query strings are read percent-decoded, as clients encode them.
+    for query in ["status=%6Fpen", "st%61tus=open&&limit=%35"] {
+        let (status, list) = get(&app, &format!("/cases?{query}")).await;
+        assert_eq!(status, 200, "{query}: {list}");
+        assert_eq!(list["cases"][0]["id"], case_id.as_str(), "{query}");
     }
     let res = app.client.get(app.url("/cases")).send().await.unwrap();
     assert_eq!(res.status(), 401);

@@ -35,6 +35,9 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing(backend: Backend) {
         (format!("{} {{}}", base()), 400, "malformed_json", ""),
         ("[]".into(), 422, "validation_failed", "body"),
         ("null".into(), 422, "validation_failed", "body"),
+        ("1".into(), 422, "validation_failed", "body"),
+        // The fields in order, as an array: serde alone would decide it as a payment.
+        (r#"["c_456",1,"USD","p_789","k-array"]"#.into(), 422, "validation_failed", "body"),
         (without("customerId"), 422, "validation_failed", "customerId"),
         (without("amount"), 422, "validation_failed", "amount"),
         (without("currency"), 422, "validation_failed", "currency"),
@@ -77,6 +80,10 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing(backend: Backend) {
         (with("amount", json!(" 12.50")), 422, "validation_failed", "amount"),
         (with("amount", json!("+12.50")), 422, "validation_failed", "amount"),
         (with("amount", json!(".5")), 422, "validation_failed", "amount"),
+        // More digits than a 96-bit decimal holds, before an exponent: never rounded to fit.
+        (r#"{"customerId":"c_456","amount":0.0999999999999999999999999999999e1,"currency":"USD","payeeId":"p_789","idempotencyKey":"k"}"#.into(), 422, "validation_failed", "amount"),
+        (with("amount", json!("0.0000000000000000000000000001234e28")), 422, "validation_failed", "amount"),
+        (r#"{"customerId":"c_456","amount":1.0000000000000000000000000000001,"currency":"USD","payeeId":"p_789","idempotencyKey":"k"}"#.into(), 422, "validation_failed", "amount"),
     ];
     for (body, status, code, field) in &cases {
         let res = app
