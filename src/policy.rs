@@ -17,15 +17,36 @@ pub const DEFAULT_POLICY: &str = include_str!("../policy/default.toml");
 /// enough that every currency's minor units fit in an `i64`.
 const MAX_THRESHOLD: i64 = 1_000_000_000_000;
 
-/// A threshold, written as a decimal string and read exactly: one with more digits than a
-/// decimal holds is refused, not rounded (rounding up would raise a limit).
+/// A threshold, read exactly: a decimal string (`"1000.00"`) or a whole number (`1000`). One
+/// that a decimal cannot hold exactly is refused, not rounded (rounding up would raise a
+/// limit), and so is a TOML float, which is binary.
 fn exact_decimal<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    Decimal::from_str_exact(&text).map_err(|_| {
-        serde::de::Error::custom(format!(
-            "{text:?} is not an exact decimal such as \"1000.00\""
-        ))
-    })
+    struct Exact;
+    impl serde::de::Visitor<'_> for Exact {
+        type Value = Decimal;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a decimal string such as \"1000.00\", or a whole number")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Decimal, E> {
+            Err(E::custom(format!(
+                "{v} is a binary float: write it as a string, e.g. \"1000.00\""
+            )))
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Decimal, E> {
+            Decimal::from_str_exact(text).map_err(|_| {
+                E::custom(format!(
+                    "{text:?} is not an exact decimal such as \"1000.00\""
+                ))
+            })
+        }
+    }
+    deserializer.deserialize_any(Exact)
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -188,5 +209,15 @@ mod tests {
             DEFAULT_POLICY.replace("\"5000.00\"", "\"4999.9999999999999999999999999999999\"");
         let err = Policy::parse(&inexact).unwrap_err().to_string();
         assert!(err.contains("not an exact decimal"), "{err}");
+        let float = DEFAULT_POLICY.replace("\"5000.00\"", "5000.0");
+        let err = Policy::parse(&float).unwrap_err().to_string();
+        assert!(err.contains("binary float"), "{err}");
+    }
+
+    #[test]
+    fn a_whole_number_threshold_needs_no_quotes() {
+        let whole = DEFAULT_POLICY.replace("\"5000.00\"", "5000");
+        let p = Policy::parse(&whole).unwrap();
+        assert_eq!(p.per_payment_limit, Decimal::new(500000, 2));
     }
 }

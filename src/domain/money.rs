@@ -143,7 +143,10 @@ impl Money {
     /// `"0.00000000000000000000000000015e28"` is 1.5, and `"1.0000000000000000000000000000001"`
     /// has too many decimals for any currency.
     pub fn parse(text: &str, currency: Currency) -> Result<Self, AmountError> {
-        if text.len() > 64 || !is_plain_number(text) {
+        // At most 64 characters, not counting an exponent's `+`: serde_json writes one into
+        // every exponent of a JSON number, and the limit is the same whichever way it came.
+        let plus = usize::from(text.contains("e+") || text.contains("E+"));
+        if text.len() - plus > 64 || !is_plain_number(text) {
             return Err(AmountError::NotANumber);
         }
         let (negative, unsigned) = match text.strip_prefix('-') {
@@ -490,6 +493,16 @@ mod tests {
             Money::parse(&"9".repeat(65), usd),
             Err(AmountError::NotANumber),
             "longer than any amount needs"
+        );
+        // 64 characters as sent; serde_json hands a JSON number's exponent on with a `+`.
+        let sent = format!("1e{}2", "0".repeat(61));
+        assert_eq!(sent.len(), 64);
+        let relayed = sent.replacen('e', "e+", 1);
+        assert_eq!(Money::parse(&sent, usd).map(|m| m.minor()), Ok(10_000));
+        assert_eq!(Money::parse(&relayed, usd).map(|m| m.minor()), Ok(10_000));
+        assert_eq!(
+            Money::parse(&format!("{relayed}0"), usd),
+            Err(AmountError::NotANumber)
         );
     }
 

@@ -137,12 +137,15 @@ async fn payments_of_many_customers_decided_together_are_each_exact(backend: Bac
 /// written, never a rounding of it.
 async fn an_amount_is_reserved_exactly_however_it_is_written(backend: Backend) {
     let app = spawn_with(backend, no_rate_limit).await;
+    // The longest number accepted, 64 characters, with an exponent.
+    let longest = format!("1e{}2", "0".repeat(61));
     for (written, reserved) in [
         ("0.00000000000000000000000000015e28", "1.50"),
         ("0.000000000000000000000000000050e28", "0.50"),
         ("150e-2", "1.50"),
         ("0.00000000000000000000000000000000000000001250E42", "12.50"),
         ("1.000000000000000000000000000000000", "1.00"),
+        (longest.as_str(), "100.00"),
     ] {
         let (status, body) = app.decide_json(&payment("c_456", written, "p_789")).await;
         assert_eq!(status, 200, "{written}: {body}");
