@@ -57,7 +57,8 @@ pub enum FixtureError {
 
 pub fn parse(text: &str) -> Result<Vec<CustomerFixture>, FixtureError> {
     let file: FileFormat = serde_json::from_str(text)?;
-    file.customers
+    let customers: Vec<CustomerFixture> = file
+        .customers
         .into_iter()
         .enumerate()
         .map(|(index, row)| {
@@ -89,7 +90,21 @@ pub fn parse(text: &str) -> Result<Vec<CustomerFixture>, FixtureError> {
                     .map_err(|e| invalid(format!("knownPayees: {e}")))?,
             })
         })
-        .collect()
+        .collect::<Result<_, FixtureError>>()?;
+    // Each customer is one account: a second entry would fail the seeding half-way.
+    let mut first_at = std::collections::HashMap::new();
+    for (index, fixture) in customers.iter().enumerate() {
+        if let Some(first) = first_at.insert(fixture.customer.as_str(), index) {
+            return Err(FixtureError::Invalid {
+                index,
+                problem: format!(
+                    "customerId {} is given twice (first as customer #{first})",
+                    fixture.customer.as_str()
+                ),
+            });
+        }
+    }
+    Ok(customers)
 }
 
 pub fn load(path: Option<&Path>) -> Result<Vec<CustomerFixture>, FixtureError> {
@@ -139,6 +154,23 @@ mod tests {
         assert!(
             parse(r#"{"customers":[{"customerId":"c1","currency":"USD","balance":"-1"}]}"#)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_customer_given_twice_is_refused_naming_both_entries() {
+        let err = parse(
+            r#"{"customers":[
+                {"customerId":"c_1","currency":"USD","balance":"1"},
+                {"customerId":"c_2","currency":"USD","balance":"1"},
+                {"customerId":"c_1","currency":"EUR","balance":"2"}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("customer #2"), "{err}");
+        assert!(
+            err.contains("c_1 is given twice (first as customer #0)"),
+            "{err}"
         );
     }
 

@@ -82,6 +82,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         limiter,
         agent,
         metrics,
+        gates: Default::default(),
     }))
 }
 

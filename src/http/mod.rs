@@ -6,6 +6,7 @@
 
 pub mod decide;
 mod extract;
+pub mod gate;
 mod observe;
 pub mod ops;
 pub mod review;
@@ -47,6 +48,8 @@ pub struct App {
     pub limiter: DynLimiter,
     pub agent: Arc<Agent>,
     pub metrics: Arc<Metrics>,
+    /// One decision at a time per customer (see [`gate`]).
+    pub gates: Arc<gate::CustomerGates>,
 }
 
 impl AppState {

@@ -47,9 +47,11 @@ impl Account {
         self.balance.minor() - self.reserved_minor
     }
 
-    /// What was reserved on `day`; nothing if the counter belongs to an earlier day.
+    /// What counts against `day`'s limit: the counter of that day, or of a later one when the
+    /// account has moved on (a request stamped before midnight that commits after one of the
+    /// new day counts toward the new day); nothing if the counter belongs to an earlier day.
     pub fn outflow_on(&self, day: i64) -> i64 {
-        if self.outflow_day == day {
+        if self.outflow_day >= day {
             self.outflow_minor
         } else {
             0

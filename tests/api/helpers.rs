@@ -366,6 +366,56 @@ macro_rules! on_every_backend {
 
 /// A record an instance would commit for `payment` under `scope`: `decision` with one reason
 /// if it is not an allow, decided at `now_ms`.
+/// A store on a fresh database of `backend`, seeded with the shipped customers.
+pub async fn fresh_store(backend: Backend) -> (paynow::store::DynStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = backend.fresh_database(dir.path()).await;
+    let store = paynow::store::open(&url).await.unwrap();
+    store
+        .seed_if_empty(&paynow::fixtures::load(None).unwrap())
+        .await
+        .unwrap();
+    (store, dir)
+}
+
+/// Claims a fresh key and commits a `decision` on a payment of `amount` by `customer` to
+/// `p_789`, stamped `at_ms`, as a request would: what the store made of it.
+pub async fn commit_at(
+    store: &paynow::store::DynStore,
+    customer: &str,
+    amount: &str,
+    decision: paynow::domain::Decision,
+    at_ms: i64,
+) -> paynow::domain::Decision {
+    use paynow::domain::{Currency, CustomerId, IdempotencyKey, Money, PayeeId, Payment};
+    use paynow::store::{Begin, CommitOutcome, IdempotencyScope};
+    let payment = Payment {
+        customer: CustomerId::parse(customer).unwrap(),
+        payee: PayeeId::parse("p_789").unwrap(),
+        amount: Money::parse(amount, Currency::USD).unwrap(),
+        device_id: None,
+        ip_country: None,
+    };
+    let scope = IdempotencyScope {
+        caller: "store-test".into(),
+        key: IdempotencyKey::parse(&uuid::Uuid::new_v4().to_string()).unwrap(),
+    };
+    let fingerprint = payment.fingerprint();
+    let Begin::Fresh(claim, _) = store
+        .begin_idempotent(&scope, &fingerprint, at_ms, None)
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is free");
+    };
+    let record = decision_record(&scope, &payment, fingerprint, decision, at_ms);
+    let CommitOutcome::Committed(committed) = store.commit_decision(record).await.unwrap() else {
+        panic!("a fresh key commits");
+    };
+    drop(claim);
+    committed.outcome.decision
+}
+
 pub fn decision_record(
     scope: &paynow::store::IdempotencyScope,
     payment: &paynow::domain::Payment,

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod daily_limit;
 mod decisions;
 mod idempotency;
 mod money;

@@ -1,37 +1,18 @@
 //! The velocity count at the store, on each engine: a customer's decisions in the window,
 //! counted up to the rule's limit, whatever else is written around them.
 
-use paynow::domain::{Currency, CustomerId, Decision, IdempotencyKey, Money, PayeeId, Payment};
-use paynow::store::{Begin, CommitOutcome, DynStore, IdempotencyScope, ReadsRequest};
+use paynow::domain::{CustomerId, Decision, PayeeId};
+use paynow::store::{DynStore, ReadsRequest};
 
-use crate::helpers::{Backend, decision_record};
+use crate::helpers::{Backend, commit_at, fresh_store};
 
 /// A reviewed payment of `customer` decided at `at_ms` (a review reserves nothing, so any
 /// number of them fit).
 async fn decide_at(store: &DynStore, customer: &str, at_ms: i64) {
-    let payment = Payment {
-        customer: CustomerId::parse(customer).unwrap(),
-        payee: PayeeId::parse("p_789").unwrap(),
-        amount: Money::parse("1.00", Currency::USD).unwrap(),
-        device_id: None,
-        ip_country: None,
-    };
-    let scope = IdempotencyScope {
-        caller: "velocity".into(),
-        key: IdempotencyKey::parse(&uuid::Uuid::new_v4().to_string()).unwrap(),
-    };
-    let fingerprint = payment.fingerprint();
-    let Begin::Fresh(claim, _) = store
-        .begin_idempotent(&scope, &fingerprint, at_ms, None)
-        .await
-        .unwrap()
-    else {
-        panic!("a fresh key is free");
-    };
-    let record = decision_record(&scope, &payment, fingerprint, Decision::Review, at_ms);
-    let committed = store.commit_decision(record).await.unwrap();
-    assert!(matches!(committed, CommitOutcome::Committed(_)));
-    drop(claim);
+    assert_eq!(
+        commit_at(store, customer, "1.00", Decision::Review, at_ms).await,
+        Decision::Review
+    );
 }
 
 async fn count(store: &DynStore, customer: &str, since_ms: i64, cap: u32) -> u32 {
@@ -45,17 +26,6 @@ async fn count(store: &DynStore, customer: &str, since_ms: i64, cap: u32) -> u32
         .await
         .unwrap();
     reads.risk.expect("a known customer").recent_payments
-}
-
-async fn fresh_store(backend: Backend) -> (DynStore, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = backend.fresh_database(dir.path()).await;
-    let store = paynow::store::open(&url).await.unwrap();
-    store
-        .seed_if_empty(&paynow::fixtures::load(None).unwrap())
-        .await
-        .unwrap();
-    (store, dir)
 }
 
 crate::on_each_engine!(

@@ -616,7 +616,7 @@ impl PostgresStore {
         let now: Option<(i64, i64, String)> = tx
             .query_opt(
                 "SELECT balance_minor - reserved_minor,
-                        CASE WHEN outflow_day = $2 THEN outflow_minor ELSE 0 END,
+                        CASE WHEN outflow_day >= $2 THEN outflow_minor ELSE 0 END,
                         currency
                  FROM accounts WHERE customer_id = $1 FOR UPDATE",
                 &[&rec.payment.customer.as_str(), &day],
@@ -679,11 +679,11 @@ WITH claim AS MATERIALIZED (
 ), reserved AS (
     UPDATE accounts SET
         reserved_minor = reserved_minor + $4::bigint,
-        outflow_minor = CASE WHEN outflow_day = $5::bigint THEN outflow_minor + $4::bigint ELSE $4::bigint END,
-        outflow_day = $5::bigint
+        outflow_minor = CASE WHEN outflow_day >= $5::bigint THEN outflow_minor + $4::bigint ELSE $4::bigint END,
+        outflow_day = greatest(outflow_day, $5::bigint)
     WHERE customer_id = $6::text AND currency = $7::text
       AND balance_minor - reserved_minor >= $4::bigint
-      AND (CASE WHEN outflow_day = $5::bigint THEN outflow_minor ELSE 0 END) + $4::bigint <= $8::bigint
+      AND (CASE WHEN outflow_day >= $5::bigint THEN outflow_minor ELSE 0 END) + $4::bigint <= $8::bigint
       AND EXISTS (SELECT 1 FROM claim)
     RETURNING customer_id
 ), reservation AS (
@@ -859,12 +859,12 @@ WITH input AS (
 ), reserved AS (
     UPDATE accounts a SET
         reserved_minor = a.reserved_minor + c.amount,
-        outflow_minor = CASE WHEN a.outflow_day = c.day THEN a.outflow_minor + c.amount ELSE c.amount END,
-        outflow_day = c.day
+        outflow_minor = CASE WHEN a.outflow_day >= c.day THEN a.outflow_minor + c.amount ELSE c.amount END,
+        outflow_day = greatest(a.outflow_day, c.day)
     FROM (SELECT * FROM claimed WHERE allow ORDER BY customer) c
     WHERE a.customer_id = c.customer AND a.currency = c.currency
       AND a.balance_minor - a.reserved_minor >= c.amount
-      AND (CASE WHEN a.outflow_day = c.day THEN a.outflow_minor ELSE 0 END) + c.amount <= c.daily_limit
+      AND (CASE WHEN a.outflow_day >= c.day THEN a.outflow_minor ELSE 0 END) + c.amount <= c.daily_limit
     RETURNING c.ord
 ), decided AS MATERIALIZED (
     SELECT * FROM claimed WHERE NOT allow OR ord IN (SELECT ord FROM reserved)
@@ -1301,11 +1301,11 @@ impl Store for PostgresStore {
                 .execute(
                     "UPDATE accounts SET
                          reserved_minor = reserved_minor + $1,
-                         outflow_minor = CASE WHEN outflow_day = $2 THEN outflow_minor + $1 ELSE $1 END,
-                         outflow_day = $2
+                         outflow_minor = CASE WHEN outflow_day >= $2 THEN outflow_minor + $1 ELSE $1 END,
+                         outflow_day = greatest(outflow_day, $2)
                      WHERE customer_id = $3 AND currency = $4
                        AND balance_minor - reserved_minor >= $1
-                       AND (CASE WHEN outflow_day = $2 THEN outflow_minor ELSE 0 END) + $1 <= $5",
+                       AND (CASE WHEN outflow_day >= $2 THEN outflow_minor ELSE 0 END) + $1 <= $5",
                     &[&amount, &day, &case.customer, &currency.code(), &r.daily_limit_minor],
                 )
                 .await

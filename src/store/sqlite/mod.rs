@@ -201,19 +201,20 @@ impl SqliteStore {
 
 /// Reserves `?1` on the account of customer `?3` in currency `?4`, on UTC day `?2`, if the
 /// funds are available and the day's outflow stays within `?5`; `$also` are further
-/// assignments of the same update.
+/// assignments of the same update. The counter never goes back a day: a payment stamped on a
+/// day the account has already left counts toward the day it is on.
 macro_rules! reserve_sql {
     ($also:literal) => {
         concat!(
             "UPDATE accounts
     SET reserved_minor = reserved_minor + ?1,
-        outflow_minor = CASE WHEN outflow_day = ?2 THEN outflow_minor + ?1 ELSE ?1 END,
-        outflow_day = ?2",
+        outflow_minor = CASE WHEN outflow_day >= ?2 THEN outflow_minor + ?1 ELSE ?1 END,
+        outflow_day = max(outflow_day, ?2)",
             $also,
             "
     WHERE customer_id = ?3 AND currency = ?4
       AND balance_minor - reserved_minor >= ?1
-      AND (CASE WHEN outflow_day = ?2 THEN outflow_minor ELSE 0 END) + ?1 <= ?5"
+      AND (CASE WHEN outflow_day >= ?2 THEN outflow_minor ELSE 0 END) + ?1 <= ?5"
         )
     };
 }
@@ -372,7 +373,7 @@ fn apply_decision(
         } else {
             let now: Option<(i64, i64)> = db.query_opt(
                 "SELECT balance_minor - reserved_minor,
-                        CASE WHEN outflow_day = ?2 THEN outflow_minor ELSE 0 END
+                        CASE WHEN outflow_day >= ?2 THEN outflow_minor ELSE 0 END
                  FROM accounts WHERE customer_id = ?1",
                 params![customer, day],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -503,7 +504,11 @@ fn read_payment(db: &Db<'_>, request: &ReadsRequest) -> Result<PaymentReads, Sto
     let Some(((currency, balance, reserved, day, outflow), mut risk, newest)) = row else {
         return Ok(PaymentReads::default());
     };
-    risk.recent_payments = recent_payments(db, newest, request).map_err(unavailable)?;
+    let in_batch = db.decided_in_batch(request.customer.as_str());
+    risk.recent_payments = recent_payments(db, newest, request)
+        .map_err(unavailable)?
+        .saturating_add(in_batch)
+        .min(request.velocity_cap);
     let currency = Currency::parse(&currency)
         .map_err(|_| StoreError::Internal(format!("account has bad currency {currency:?}")))?;
     Ok(PaymentReads {
@@ -601,6 +606,7 @@ impl SqliteStore {
                 if let (Some(Ok(fetched)), Some(decide)) = (&fetched, decide)
                     && let Some(record) = decide(fetched)
                 {
+                    db.note_decided(record.payment.customer.as_str());
                     let payee_known = fetched.risk.as_ref().is_some_and(|r| r.known_payee);
                     let rendered = Rendered::new(record, payee_known);
                     return ReadThen::Write(Box::new(move |db| {
@@ -1089,6 +1095,68 @@ mod tests {
         let fixtures = crate::fixtures::load(None).unwrap();
         store.seed_if_empty(&fixtures).await.unwrap();
         (store, gate)
+    }
+
+    #[tokio::test]
+    async fn a_customers_decisions_made_in_one_batch_each_count_the_ones_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, gate) = gated_store(dir.path()).await;
+        gate.open(100);
+        // A job that holds the writer until the decisions below are queued behind it, so that
+        // they are read, decided and written in one batch.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocker = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .writer
+                    .read_latest(move |_| {
+                        held.recv().unwrap();
+                        Ok(())
+                    })
+                    .await
+                    .map(drop)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let decisions: Vec<_> = (0..3)
+            .map(|i| {
+                let (scope, fingerprint, mut rec) = record(&format!("v-{i}"), "1.00");
+                rec.payment.customer = CustomerId::parse("c_rich").unwrap();
+                let reads = ReadsRequest {
+                    customer: rec.payment.customer.clone(),
+                    payee: rec.payment.payee.clone(),
+                    velocity_since_ms: 0,
+                    velocity_cap: 10,
+                };
+                let (store, seen) = (store.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let decide: DecideNow = Box::new(move |reads: &PaymentReads| {
+                        seen.lock()
+                            .push(reads.risk.as_ref().unwrap().recent_payments);
+                        Some(rec)
+                    });
+                    let now = super::super::now_ms();
+                    store
+                        .begin_deciding(&scope, &fingerprint, now, &reads, decide)
+                        .await
+                        .map(drop)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        for decision in decisions {
+            decision.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            *seen.lock(),
+            [0, 1, 2],
+            "each counts the ones decided before it"
+        );
+        store.close().await;
     }
 
     #[tokio::test]

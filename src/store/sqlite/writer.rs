@@ -110,6 +110,9 @@ pub struct Db<'c> {
     /// Statements by their SQL text's (address, length); a handful, so a list is the fastest
     /// map.
     prepared: RefCell<Vec<((usize, usize), Statement<'c>)>>,
+    /// The customers of the decisions made so far in this batch's reads, which its writes
+    /// have not yet put where the velocity count looks (see [`Db::decided_in_batch`]).
+    batch_decided: RefCell<Vec<String>>,
 }
 
 impl<'c> Db<'c> {
@@ -117,7 +120,22 @@ impl<'c> Db<'c> {
         Db {
             conn,
             prepared: RefCell::new(Vec::new()),
+            batch_decided: RefCell::new(Vec::new()),
         }
+    }
+
+    /// A decision for `customer` was made in this batch's reads and will be written with it.
+    pub fn note_decided(&self, customer: &str) {
+        self.batch_decided.borrow_mut().push(customer.to_owned());
+    }
+
+    /// How many decisions for `customer` this batch has made in its reads so far. A batch runs
+    /// all its reads (each deciding) before any of its writes, so a customer's second payment
+    /// in one batch would not see the first in the database: the velocity count adds these.
+    /// If a write then fails, the count was one too high, never too low.
+    pub fn decided_in_batch(&self, customer: &str) -> u32 {
+        let decided = self.batch_decided.borrow();
+        decided.iter().filter(|c| *c == customer).count() as u32
     }
 
     /// Runs `f` on the statement for `sql`, preparing it the first time. The statement is
@@ -648,6 +666,7 @@ fn writer_loop(
                 next = jobs.try_recv().ok();
             }
         }
+        db.batch_decided.borrow_mut().clear();
         // Every batch so far is committed or rolled back: this is what the reads see. They
         // run in one transaction with the writes (or in one of their own): one read lock for
         // all of them instead of one per statement, a system call each. The writes they hand
