@@ -105,8 +105,13 @@ async fn run_case(
 pub fn load_cases(path: &Path) -> anyhow::Result<Vec<EvalCase>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("invalid cases in {}: {e}", path.display()))
+    let cases: Vec<EvalCase> = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("invalid cases in {}: {e}", path.display()))?;
+    // An empty file would "pass" while checking nothing.
+    if cases.is_empty() {
+        anyhow::bail!("no cases in {}", path.display());
+    }
+    Ok(cases)
 }
 
 /// Runs every case and prints failures and a summary; exit 0 only if all pass.
@@ -131,5 +136,20 @@ pub async fn run(path: &Path, base: &str, api_key: &str) -> anyhow::Result<ExitC
     } else {
         println!("❌ {passed}/{} correct", cases.len());
         Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_empty_case_file_is_an_error_not_a_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cases.json");
+        std::fs::write(&path, "[]").unwrap();
+        let Err(err) = super::load_cases(&path) else {
+            panic!("an empty file loaded");
+        };
+        let err = err.to_string();
+        assert!(err.contains("no cases"), "{err}");
     }
 }

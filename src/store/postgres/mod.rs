@@ -1410,12 +1410,15 @@ impl Store for PostgresStore {
     ) -> Result<u64, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
-        // SKIP LOCKED: another instance sweeping at the same time takes other rows.
+        // SKIP LOCKED: another instance sweeping at the same time takes other rows. Settled
+        // in customer order, the sweep locks accounts in the order decision batches do, so
+        // the two never deadlock.
         let rows = tx
             .query(
                 &format!(
                     "SELECT {RESERVATION_COLUMNS} FROM reservations
                      WHERE status = 'held' AND created_ms < $1
+                     ORDER BY customer_id, id
                      LIMIT 5000 FOR UPDATE SKIP LOCKED"
                 ),
                 &[&created_before_ms],
