@@ -1,8 +1,8 @@
 //! The HTTP surface: routes, the middleware stack, and the shared state.
 //!
 //! Order of work on `POST /payments/decide`, as the brief sets it: request id + timeout
-//! (`observe`) → auth (`require_api_key`) → body validation (`ApiJson`) → rate limit →
-//! idempotency → agent → one commit → response.
+//! (`observe`) → auth (`require_api_key`) → body validation (`ApiJson`) → rate limit → the
+//! customer's turn (`gate`) → idempotency → agent → one commit → response.
 
 pub mod decide;
 mod extract;
