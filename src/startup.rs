@@ -82,7 +82,6 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         limiter,
         agent,
         metrics,
-        gates: Default::default(),
     }))
 }
 

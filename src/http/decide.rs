@@ -356,16 +356,6 @@ pub async fn decide_payment(
         return Err(AppError::RateLimited(limit));
     }
 
-    // One decision at a time per customer, so that each counts the ones before it.
-    let scope_text = format!("{caller}\n{}", key.as_str());
-    let Some(_turn) = app
-        .gates
-        .enter(payment.customer.as_str(), &scope_text)
-        .await
-    else {
-        return Err(AppError::IdempotencyInProgress);
-    };
-
     let now = now_ms();
     let scope = IdempotencyScope {
         caller: Arc::clone(&caller),

@@ -1,12 +1,11 @@
 //! The HTTP surface: routes, the middleware stack, and the shared state.
 //!
 //! Order of work on `POST /payments/decide`, as the brief sets it: request id + timeout
-//! (`observe`) → auth (`require_api_key`) → body validation (`ApiJson`) → rate limit → the
-//! customer's turn (`gate`) → idempotency → agent → one commit → response.
+//! (`observe`) → auth (`require_api_key`) → body validation (`ApiJson`) → rate limit →
+//! idempotency → agent → one commit → response.
 
 pub mod decide;
 mod extract;
-pub mod gate;
 mod observe;
 pub mod ops;
 pub mod review;
@@ -48,8 +47,6 @@ pub struct App {
     pub limiter: DynLimiter,
     pub agent: Arc<Agent>,
     pub metrics: Arc<Metrics>,
-    /// One decision at a time per customer (see [`gate`]).
-    pub gates: Arc<gate::CustomerGates>,
 }
 
 impl AppState {

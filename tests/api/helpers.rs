@@ -364,8 +364,6 @@ macro_rules! on_every_backend {
     };
 }
 
-/// A record an instance would commit for `payment` under `scope`: `decision` with one reason
-/// if it is not an allow, decided at `now_ms`.
 /// A store on a fresh database of `backend`, seeded with the shipped customers.
 pub async fn fresh_store(backend: Backend) -> (paynow::store::DynStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -416,6 +414,8 @@ pub async fn commit_at(
     committed.outcome.decision
 }
 
+/// A record an instance would commit for `payment` under `scope`: `decision` with one reason
+/// if it is not an allow, decided at `now_ms`.
 pub fn decision_record(
     scope: &paynow::store::IdempotencyScope,
     payment: &paynow::domain::Payment,

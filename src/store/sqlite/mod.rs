@@ -689,10 +689,16 @@ impl Store for SqliteStore {
     }
 
     async fn commit_decision(&self, record: DecisionRecord) -> Result<CommitOutcome, StoreError> {
+        let customer = record.payment.customer.as_str().to_owned();
         // What the reads found is not in the record: the payee is added unless it is there.
         let rendered = Rendered::new(record, false);
+        // Handed over from the batch's reads, in the order it was queued, so that a decision
+        // read later in the same batch counts it (see `Db::decided_in_batch`).
         self.writer
-            .write(move |db| apply_decision(db, rendered))
+            .read_then_write(move |db, _| {
+                db.note_decided(&customer);
+                ReadThen::Write(Box::new(move |db| apply_decision(db, rendered)))
+            })
             .await
     }
 
@@ -1098,7 +1104,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_customers_decisions_made_in_one_batch_each_count_the_ones_before() {
+    async fn a_customers_decisions_in_one_batch_each_count_the_ones_before() {
         let dir = tempfile::tempdir().unwrap();
         let (store, gate) = gated_store(dir.path()).await;
         gate.open(100);
@@ -1119,6 +1125,14 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
+        // First in the batch: a decision made outside the writer, committed.
+        let committed = tokio::spawn({
+            let store = store.clone();
+            let (_, _, mut rec) = record("v-outside", "1.00");
+            rec.payment.customer = CustomerId::parse("c_rich").unwrap();
+            async move { store.commit_decision(rec).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let decisions: Vec<_> = (0..3)
             .map(|i| {
@@ -1148,12 +1162,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         release.send(()).unwrap();
         blocker.await.unwrap().unwrap();
+        committed.await.unwrap().unwrap();
         for decision in decisions {
             decision.await.unwrap().unwrap();
         }
         assert_eq!(
             *seen.lock(),
-            [0, 1, 2],
+            [1, 2, 3],
             "each counts the ones decided before it"
         );
         store.close().await;
