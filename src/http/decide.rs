@@ -535,8 +535,16 @@ mod tests {
         assert!(parse_decide_body(text.as_bytes(), None).is_err());
     }
 
+    /// 2,000 cases in the test suite; `PROPTEST_CASES` runs more (README: *Fuzzing*).
+    fn fuzz_cases() -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(2000)
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases()))]
 
         /// Any bytes at all: a client error, never a panic.
         #[test]
