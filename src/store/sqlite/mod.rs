@@ -1132,7 +1132,7 @@ mod tests {
             rec.payment.customer = CustomerId::parse("c_rich").unwrap();
             async move { store.commit_decision(rec).await.map(drop) }
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let decisions: Vec<_> = (0..3)
             .map(|i| {
