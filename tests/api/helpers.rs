@@ -269,9 +269,14 @@ impl TestApp {
 
     /// `POST /payments/decide` with the test API key and a JSON body.
     pub async fn decide(&self, body: &Value) -> reqwest::Response {
+        self.decide_as(API_KEY, body).await
+    }
+
+    /// [`TestApp::decide`] by the caller holding `api_key`.
+    pub async fn decide_as(&self, api_key: &str, body: &Value) -> reqwest::Response {
         self.client
             .post(self.url("/payments/decide"))
-            .header("X-API-Key", API_KEY)
+            .header("X-API-Key", api_key)
             .json(body)
             .send()
             .await

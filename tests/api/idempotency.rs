@@ -179,19 +179,9 @@ async fn spawn_with_keys(backend: Backend, api_keys: &'static str) -> (TestApp, 
     (app, payment("c_456", "600.00", "p_789"))
 }
 
-async fn send_as(app: &TestApp, key: &str, body: &Value) -> reqwest::Response {
-    app.client
-        .post(app.url("/payments/decide"))
-        .header("X-API-Key", key)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn idempotency_keys_are_scoped_by_caller(backend: Backend) {
     let (app, body) = spawn_with_keys(backend, "bank-a:key-a-123456,bank-b:key-b-123456").await;
-    let send = |key: &'static str| send_as(&app, key, &body);
+    let send = |key: &'static str| app.decide_as(key, &body);
     let a: Value = send("key-a-123456").await.json().await.unwrap();
     assert_eq!(a["decision"], "allow");
     // The same idempotency key from another caller is another payment, not a replay.
@@ -211,13 +201,14 @@ async fn idempotency_keys_are_scoped_by_caller(backend: Backend) {
 /// replays the answer given to the old one instead of paying again.
 async fn a_rotated_api_key_keeps_the_callers_idempotency_keys(backend: Backend) {
     let (app, body) = spawn_with_keys(backend, "bank-a:old-key-123456,bank-a:new-key-123456").await;
-    let first: Value = send_as(&app, "old-key-123456", &body)
+    let first: Value = app
+        .decide_as("old-key-123456", &body)
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(first["decision"], "allow", "{first}");
-    let retry = send_as(&app, "new-key-123456", &body).await;
+    let retry = app.decide_as("new-key-123456", &body).await;
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     let retry: Value = retry.json().await.unwrap();
     assert_eq!(retry["requestId"], first["requestId"]);
